@@ -1,0 +1,96 @@
+"""Contrastive losses: InfoNCE, the softened InfoNCE, its eps schedules, and the DisCo distillation term.
+
+Every loss is a pure function of tensors. q and k are L2-normalised embeddings [B, D]; queue holds K normalised
+negatives as columns [D, K]; logits are [B, 1 + K] with the positive at index 0 (SPEC sections 2-4).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+SMOOTH_MODES = ("topk", "tiered", "uniform")
+SMOOTH_SCHEDULES = ("constant", "warmup", "cosine")
+
+
+def moco_logits(q, k, queue, tau):
+    """s_0 = q.k / tau (the positive), s_j = q.queue_j / tau (the K negatives)."""
+    pos = (q * k).sum(dim=1, keepdim=True)
+    neg = q @ queue
+    return torch.cat([pos, neg], dim=1) / tau
+
+
+def info_nce(q, k, queue, tau):
+    """Cross-entropy of softmax(s) against the positive at index 0, averaged over the batch."""
+    logits = moco_logits(q, k, queue, tau)
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+def tier_bounds(num_neighbors):
+    """Rank boundaries of the three tiers: for k = 20, ranks 1-2, 3-8 and 9-20 (the first 10%, 40%, 100%)."""
+    if num_neighbors < 3:
+        raise ValueError(f"the tiered target needs at least 3 neighbours, got {num_neighbors}")
+    return math.ceil(num_neighbors / 10), math.ceil(2 * num_neighbors / 5)
+
+
+@torch.no_grad()
+def soft_target(neg_sim, eps, num_neighbors, mode):
+    """The soft target y over [positive, K queue entries] (SPEC section 3); rows sum to 1, no gradient.
+
+    neg_sim: q.queue_j before the temperature [B, K]; neighbours are the queue entries most similar to q.
+    """
+    batch, num_neg = neg_sim.shape
+    target = torch.zeros(batch, 1 + num_neg, dtype=neg_sim.dtype, device=neg_sim.device)
+    target[:, 0] = 1 - eps
+    if mode == "uniform":  # plain label smoothing over the queue: a control
+        target[:, 1:] = eps / num_neg
+        return target
+    k = min(num_neighbors, num_neg)
+    nbr = neg_sim.topk(k, dim=1).indices + 1  # +1: column 0 is the positive
+    if mode == "topk":
+        mass = torch.full((k,), eps / k, dtype=neg_sim.dtype, device=neg_sim.device)
+    elif mode == "tiered":  # eps/2, eps/4, eps/4 in total over the three rank tiers
+        b1, b2 = tier_bounds(k)
+        mass = torch.empty(k, dtype=neg_sim.dtype, device=neg_sim.device)
+        mass[:b1] = eps / 2 / b1
+        mass[b1:b2] = eps / 4 / (b2 - b1)
+        mass[b2:] = eps / 4 / (k - b2)
+    else:
+        raise ValueError(f"unknown smoothing mode {mode!r}; choose one of {SMOOTH_MODES}")
+    target.scatter_(1, nbr, mass.expand(batch, k))
+    return target
+
+
+def soft_info_nce(q, k, queue, tau, eps, num_neighbors=10, mode="topk"):
+    """Softened InfoNCE: L = -sum_i y_i log p_i with p = softmax(s) and the soft target y of `soft_target`.
+
+    For mode "topk" this is (1 - eps) * InfoNCE + eps * mean_{j in top-k} (-log p_j): the nearest queue entries,
+    likely false negatives, count as partial positives. eps = 0 is plain InfoNCE, bit for bit.
+    """
+    if eps == 0:
+        return info_nce(q, k, queue, tau)
+    neg_sim = q @ queue
+    logits = torch.cat([(q * k).sum(dim=1, keepdim=True), neg_sim], dim=1) / tau
+    return F.cross_entropy(logits, soft_target(neg_sim, eps, num_neighbors, mode))
+
+
+def smooth_eps(eps, schedule, step, total_steps, warmup_steps):
+    """eps at an optimizer step: constant; 0 during the lr warm-up, then eps; or a cosine ramp from 0 to eps."""
+    if schedule == "constant":
+        return eps
+    if schedule == "warmup":
+        return 0.0 if step < warmup_steps else eps
+    if schedule == "cosine":
+        return eps * (1 - math.cos(math.pi * step / max(1, total_steps))) / 2
+    raise ValueError(f"unknown eps schedule {schedule!r}; choose one of {SMOOTH_SCHEDULES}")
+
+
+def distill_loss(student, teacher):
+    """DisCo: squared distance between the L2-normalised student and (frozen) teacher embeddings, summed over
+    batch and dimensions (SPEC section 4)."""
+    return (F.normalize(student, dim=1) - F.normalize(teacher.detach(), dim=1)).pow(2).sum()
+
+
+@torch.no_grad()
+def contrastive_accuracy(q, k, queue):
+    """How often the positive key is the most similar of the 1 + K candidates (instance discrimination, %)."""
+    return (moco_logits(q, k, queue, 1.0).argmax(dim=1) == 0).float().mean().item() * 100
