@@ -1,0 +1,305 @@
+"""Backbones and projection head for MoCo-v2 (SPEC section 5).
+
+Every architecture is written out here as a table of stages or blocks that can be read against its paper. A backbone
+maps images [B, 3, H, W] to pooled features [B, d]. Its parameter and buffer names equal those of torchvision's
+reference model minus the final classification Linear, so weights move both ways. small_stem=True removes the first
+two downsamplings (total stride 8 instead of 32) for 28-32 px images; ResNet loses the 7x7 conv and the max-pool,
+MobileNetV3 / EfficientNet only change strides.
+"""
+import os
+from functools import partial
+
+import torch
+from torch import nn
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenetv3_large", "mobilenetv3_small", "efficientnet_b0")
+
+# ResNet (He et al. 2016, Table 1): block expansion (1 = basic block, 4 = bottleneck), blocks in conv2_x..conv5_x.
+# The four stages have widths 64, 128, 256, 512 and strides 1, 2, 2, 2.
+RESNETS = {
+    "resnet18": (1, (2, 2, 2, 2)),
+    "resnet34": (1, (3, 4, 6, 3)),
+    "resnet50": (4, (3, 4, 6, 3)),
+}
+
+# MobileNetV3 (Howard et al. 2019, Tables 1 and 2), one row per bottleneck after the 16-channel stem conv:
+# kernel, expanded channels, out channels, squeeze-excite, activation (RE = ReLU, HS = hard-swish), stride.
+MOBILENETV3_LARGE = [
+    (3, 16, 16, False, "RE", 1),
+    (3, 64, 24, False, "RE", 2),
+    (3, 72, 24, False, "RE", 1),
+    (5, 72, 40, True, "RE", 2),
+    (5, 120, 40, True, "RE", 1),
+    (5, 120, 40, True, "RE", 1),
+    (3, 240, 80, False, "HS", 2),
+    (3, 200, 80, False, "HS", 1),
+    (3, 184, 80, False, "HS", 1),
+    (3, 184, 80, False, "HS", 1),
+    (3, 480, 112, True, "HS", 1),
+    (3, 672, 112, True, "HS", 1),
+    (5, 672, 160, True, "HS", 2),
+    (5, 960, 160, True, "HS", 1),
+    (5, 960, 160, True, "HS", 1),
+]
+MOBILENETV3_SMALL = [
+    (3, 16, 16, True, "RE", 2),
+    (3, 72, 24, False, "RE", 2),
+    (3, 88, 24, False, "RE", 1),
+    (5, 96, 40, True, "HS", 2),
+    (5, 240, 40, True, "HS", 1),
+    (5, 240, 40, True, "HS", 1),
+    (5, 120, 48, True, "HS", 1),
+    (5, 144, 48, True, "HS", 1),
+    (5, 288, 96, True, "HS", 2),
+    (5, 576, 96, True, "HS", 1),
+    (5, 576, 96, True, "HS", 1),
+]
+# blocks, channels of the last 1x1 conv, width of the Linear after pooling (= feature size d)
+MOBILENETV3 = {"mobilenetv3_large": (MOBILENETV3_LARGE, 960, 1280), "mobilenetv3_small": (MOBILENETV3_SMALL, 576, 1024)}
+ACTIVATIONS = {"RE": nn.ReLU, "HS": nn.Hardswish}
+
+# EfficientNet-B0 (Tan & Le 2019, Table 1), one row per stage between the 32-channel stem conv and the 1x1 conv to
+# 1280: expansion ratio, kernel, stride of the stage's first block, out channels, blocks.
+EFFICIENTNET_B0 = [
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+]
+
+
+def make_divisible(value, divisor=8):
+    """Round to the nearest multiple of divisor, at least divisor and never more than 10% below value."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def conv_bn(cin, cout, kernel, stride=1, groups=1, act=None, bn=nn.BatchNorm2d):
+    """Conv (no bias, 'same' padding) -> BN -> optional activation, keyed 0, 1, 2 like torchvision's."""
+    layers = [nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False), bn(cout)]
+    if act is not None:
+        layers.append(act(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class ResidualBlock(nn.Module):
+    """Basic block (two 3x3 convs, expansion 1) or bottleneck (1x1, 3x3, 1x1, expansion 4) with the stride on the
+    3x3 conv (torchvision's ResNet v1.5). A strided 1x1 conv + BN projects the shortcut when the shape changes."""
+
+    def __init__(self, cin, width, stride, expansion):
+        super().__init__()
+        cout = width * expansion
+        if expansion == 1:
+            convs = [(cin, width, 3, stride), (width, cout, 3, 1)]
+        else:
+            convs = [(cin, width, 1, 1), (width, width, 3, stride), (width, cout, 1, 1)]
+        self.depth = len(convs)
+        for i, (a, b, kernel, s) in enumerate(convs, 1):
+            setattr(self, f"conv{i}", nn.Conv2d(a, b, kernel, s, kernel // 2, bias=False))
+            setattr(self, f"bn{i}", nn.BatchNorm2d(b))
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = x
+        for i in range(1, self.depth + 1):
+            out = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(out))
+            if i < self.depth:
+                out = self.relu(out)
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + shortcut)
+
+
+class ResNet(nn.Module):
+    """ResNet-18/34/50 as torchvision builds them, up to the global average pool."""
+
+    def __init__(self, expansion, blocks_per_stage, small_stem=False):
+        super().__init__()
+        if small_stem:  # CIFAR stem: 3x3 stride-1 conv, no max-pool
+            self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        cin = 64
+        for stage, (width, blocks) in enumerate(zip((64, 128, 256, 512), blocks_per_stage), 1):
+            layer = []
+            for i in range(blocks):
+                layer.append(ResidualBlock(cin, width, 2 if stage > 1 and i == 0 else 1, expansion))
+                cin = width * expansion
+            setattr(self, f"layer{stage}", nn.Sequential(*layer))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+
+class SqueezeExcite(nn.Module):
+    """Channel gate (Hu et al. 2018): x * gate(fc2(act(fc1(mean over H, W of x)))), fc1/fc2 being 1x1 convs."""
+
+    def __init__(self, channels, squeeze, act, gate):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+        self.activation = act()
+        self.scale_activation = gate()
+
+    def forward(self, x):
+        scale = self.fc2(self.activation(self.fc1(x.mean((2, 3), keepdim=True))))
+        return x * self.scale_activation(scale)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV3 bottleneck / EfficientNet MBConv: 1x1 expand (skipped when expanded == cin) -> depthwise kxk ->
+    optional squeeze-excite -> linear 1x1 projection, plus the input when the shape is unchanged. drop_prob is the
+    stochastic-depth rate: in training the residual branch of each sample is dropped with that probability and the
+    survivors are scaled by 1 / (1 - drop_prob)."""
+
+    def __init__(self, cin, kernel, expanded, cout, stride, act, bn, se=None, drop_prob=0.0):
+        super().__init__()
+        layers = [conv_bn(cin, expanded, 1, act=act, bn=bn)] if expanded != cin else []
+        layers.append(conv_bn(expanded, expanded, kernel, stride, groups=expanded, act=act, bn=bn))
+        if se is not None:
+            layers.append(se)
+        layers.append(conv_bn(expanded, cout, 1, bn=bn))
+        self.block = nn.Sequential(*layers)
+        self.use_residual = stride == 1 and cin == cout
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        out = self.block(x)
+        if not self.use_residual:
+            return out
+        if self.training and self.drop_prob > 0:
+            keep = 1.0 - self.drop_prob
+            mask = out.new_empty(out.shape[0], 1, 1, 1).bernoulli_(keep)
+            out = out * (mask / keep)
+        return out + x
+
+
+class PooledFeatures(nn.Module):
+    """MobileNetV3 / EfficientNet layout: features -> global average pool -> classifier (MobileNetV3: the Linear +
+    hard-swish before the dropped class Linear; EfficientNet: nothing)."""
+
+    def __init__(self, features, classifier=None):
+        super().__init__()
+        self.features = features
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Identity() if classifier is None else classifier
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def remove_first_two_downsamplings(features):
+    """Small stem for MobileNetV3 / EfficientNet: stride 1 in the stem conv and in the first stride-2 block's
+    depthwise conv. Strides only: parameters and the blocks' shortcuts stay as in the paper's table."""
+    strided = [m for m in features.modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
+    for conv in strided[:2]:
+        conv.stride = (1, 1)
+
+
+def mobilenetv3(name, small_stem=False):
+    rows, last_conv, dim = MOBILENETV3[name]
+    bn = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01)  # TensorFlow's BN settings, as in the paper's code
+    layers = [conv_bn(3, 16, 3, 2, act=nn.Hardswish, bn=bn)]
+    cin = 16
+    for kernel, expanded, cout, use_se, act, stride in rows:
+        se = SqueezeExcite(expanded, make_divisible(expanded / 4), nn.ReLU, nn.Hardsigmoid) if use_se else None
+        layers.append(InvertedResidual(cin, kernel, expanded, cout, stride, ACTIVATIONS[act], bn, se))
+        cin = cout
+    layers.append(conv_bn(cin, last_conv, 1, act=nn.Hardswish, bn=bn))
+    features = nn.Sequential(*layers)
+    if small_stem:
+        remove_first_two_downsamplings(features)
+    classifier = nn.Sequential(nn.Linear(last_conv, dim), nn.Hardswish(inplace=True))
+    return PooledFeatures(features, classifier), dim
+
+
+def efficientnet_b0(small_stem=False, drop_prob=0.2):
+    # BN keeps PyTorch's defaults (eps 1e-5, momentum 0.1) like torchvision's B0, whose weights were trained with them
+    total_blocks = sum(row[-1] for row in EFFICIENTNET_B0)
+    layers = [conv_bn(3, 32, 3, 2, act=nn.SiLU)]
+    cin, index = 32, 0
+    for expansion, kernel, stride, cout, blocks in EFFICIENTNET_B0:
+        stage = []
+        for j in range(blocks):
+            se = SqueezeExcite(cin * expansion, max(1, cin // 4), nn.SiLU, nn.Sigmoid)
+            # stochastic depth grows linearly with the block's index: 0 for the first block, < drop_prob for the last
+            stage.append(InvertedResidual(cin, kernel, cin * expansion, cout, stride if j == 0 else 1, nn.SiLU,
+                                          nn.BatchNorm2d, se, drop_prob * index / total_blocks))
+            cin, index = cout, index + 1
+        layers.append(nn.Sequential(*stage))
+    layers.append(conv_bn(cin, 1280, 1, act=nn.SiLU))
+    features = nn.Sequential(*layers)
+    if small_stem:
+        remove_first_two_downsamplings(features)
+    return PooledFeatures(features), 1280
+
+
+def build_backbone(name, small_stem=False):
+    """(module mapping [B, 3, H, W] to pooled features [B, d], d), initialised as torchvision initialises it."""
+    if name in RESNETS:
+        expansion, blocks = RESNETS[name]
+        model, dim = ResNet(expansion, blocks, small_stem), 512 * expansion
+    elif name in MOBILENETV3:
+        model, dim = mobilenetv3(name, small_stem)
+    elif name == "efficientnet_b0":
+        model, dim = efficientnet_b0(small_stem)
+    else:
+        raise SystemExit(f"unknown architecture '{name}'; choose one of: {', '.join(ARCHS)}")
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+    return model, dim
+
+
+def build_head(feat_dim, hidden, out_dim=128):
+    """MoCo-v2 projection MLP: Linear(d, h) -> ReLU -> Linear(h, out_dim)."""
+    return nn.Sequential(nn.Linear(feat_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+
+
+def load_pretrained(path, encoder="query"):
+    """(backbone, head, feat_dim, args) of the query ("query") or momentum ("key") encoder in a pretrain.py
+    checkpoint, on the CPU in eval mode."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"checkpoint {path} does not exist; pass the checkpoint.pt that pretrain.py wrote")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # damaged files raise many types: RuntimeError, EOFError, KeyError, UnpicklingError
+        said = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
+        raise SystemExit(f"{path} is not a readable checkpoint (corrupt or truncated?); torch.load said "
+                         f"{type(err).__name__} {said}") from err
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt.get("args", {}):
+        raise SystemExit(f"{path} is not a pretrain.py checkpoint (it needs 'model' and 'args' entries)")
+    args = ckpt["args"]
+    backbone, feat_dim = build_backbone(args["arch"], args.get("small_stem", False))
+    head = build_head(feat_dim, args.get("mlp_hidden") or feat_dim, args.get("moco_dim", 128))
+    prefix = {"query": "encoder_q", "key": "encoder_k"}[encoder]
+    for part, module in (("backbone", backbone), ("head", head)):
+        start = f"{prefix}.{part}."
+        weights = {k[len(start):]: v for k, v in ckpt["model"].items() if k.startswith(start)}
+        try:
+            module.load_state_dict(weights)
+        except RuntimeError as err:
+            detail = " ".join(str(err).split())[:200]
+            raise SystemExit(f"{path}: the {part} weights under '{start}' do not fit architecture '{args['arch']}' "
+                             f"(small_stem={args.get('small_stem', False)}) named in its args: {detail}") from err
+    return backbone.eval(), head.eval(), feat_dim, args
