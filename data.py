@@ -1,0 +1,554 @@
+"""Data sets, two-view augmentations and the evaluation transform.
+
+Every data set loads into an ImageData: uint8 images in memory (Fashion-MNIST, CIFAR, STL-10, synthetic) or image
+file paths (imagefolder). Two augmentation backends draw views from one distribution:
+- view_transform: torchvision's per-image transforms on PIL images, run in DataLoader workers (the canonical path);
+- BatchedAugment: the same transforms with per-sample random parameters, applied to whole uint8 batches on their
+  device, so in-memory data sets need no DataLoader workers at all.
+"""
+import gzip
+import math
+import os
+import pickle
+import re
+import struct
+import zlib
+from collections import namedtuple
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torchvision import transforms as T
+
+DATASETS = ("fashionmnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
+AUGS = ("mocov2", "strong", "small")  # pretraining presets; the aug functions also accept "linear"
+
+# Every preset also flips horizontally with p 0.5 and crops with aspect ratios in RATIO. Colour jitter (b, c, s, h)
+# draws brightness, contrast and saturation factors in [1 - b, 1 + b] etc. and a hue shift in [-h, h], applying the
+# four ops in a random order (torchvision's ColorJitter); then greyscale, then Gaussian blur with sigma in BLUR_SIGMA.
+Aug = namedtuple("Aug", "scale jitter p_jitter p_grey p_blur")
+PRESETS = {
+    #             crop scale     jitter (b, c, s, h)     p_jitter p_grey p_blur
+    "mocov2": Aug((0.2, 1.0), (0.4, 0.4, 0.4, 0.1), 0.8, 0.2, 0.5),
+    "strong": Aug((0.2, 1.0), (0.8, 0.8, 0.8, 0.4), 0.8, 0.5, 0.5),  # AAAI'22 small-model recipe
+    "small": Aug((0.2, 1.0), (0.4, 0.4, 0.4, 0.1), 0.8, 0.2, 0.0),  # 28-64 px images: no blur
+    "linear": Aug((0.08, 1.0), None, 0.0, 0.0, 0.0),  # linear evaluation's training crops: crop + flip only
+}
+RATIO = (3 / 4, 4 / 3)
+BLUR_SIGMA = (0.1, 2.0)
+GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as PIL and torchvision
+
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+STATS = {  # per-channel mean and std of the training images in [0, 1]
+    "fashionmnist": ((0.286,) * 3, (0.353,) * 3),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": IMAGENET_STATS,
+    "imagefolder": IMAGENET_STATS,
+    "synthetic": ((0.494, 0.542, 0.495), (0.273, 0.280, 0.265)),
+}
+IMG_SIZES = {"fashionmnist": 28, "cifar10": 32, "cifar100": 32, "synthetic": 32, "stl10": 96, "imagefolder": 224}
+DEFAULT_DATA_DIR = "data"  # where downloads go when --data-dir is not given
+FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class ImageData:
+    name: str
+    images: torch.Tensor | None  # uint8 [N, 3, H, W] for in-memory sets (grey repeated to 3 channels)
+    paths: list[str] | None  # image files for imagefolder
+    labels: torch.Tensor  # int64 [N]; -1 for unlabeled images (STL-10's unlabeled split)
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def default_img_size(name):
+    if name not in IMG_SIZES:
+        raise SystemExit(f"unknown data set {name!r}: choose one of {', '.join(DATASETS)}.")
+    return IMG_SIZES[name]
+
+
+def load_data(name, split, data_dir=None, subset=None, seed=0):
+    """split: "pretrain" (STL-10: train + unlabeled; other sets: train), "train" or "test" (imagefolder: val/).
+    subset: None, "N" (the first N images) or "N/class" (N images per class, drawn with seed)."""
+    if name not in DATASETS:
+        raise SystemExit(f"unknown data set {name!r}: choose one of {', '.join(DATASETS)}.")
+    assert split in ("pretrain", "train", "test"), split
+    images, paths = None, None
+    if name == "fashionmnist":
+        images, labels = read_fashionmnist(data_dir, split)
+    elif name in ("cifar10", "cifar100"):
+        images, labels = read_cifar(name, data_dir, split)
+    elif name == "stl10":
+        images, labels = read_stl10(data_dir, split)
+    elif name == "imagefolder":
+        paths, labels, num_classes = read_imagefolder(data_dir, split)
+    else:
+        images, labels = synthetic_data(split)
+    if name != "imagefolder":
+        num_classes = 100 if name == "cifar100" else 10
+    data = ImageData(name, images, paths, labels, num_classes, *STATS[name])
+    return take_subset(data, subset, seed) if subset else data
+
+
+def take_subset(data, subset, seed):
+    """"N": the first N images; "N/class": N images per class (all of a smaller class), drawn with seed and kept in
+    data-set order. Unlabeled images (label -1) count as one class."""
+    match = re.fullmatch(r"(\d+)(/class)?", str(subset))
+    if not match or int(match[1]) == 0:
+        raise SystemExit(f"--subset {subset!r} is neither N nor N/class with N > 0: use e.g. 1000 or 100/class.")
+    n = int(match[1])
+    if match[2] is None:
+        keep = torch.arange(min(n, len(data)))
+    else:
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+        chosen = [order[data.labels[order] == c][:n] for c in data.labels.unique()]
+        keep = torch.cat(chosen).sort().values
+    return replace(data, labels=data.labels[keep],
+                   images=None if data.images is None else data.images[keep],
+                   paths=None if data.paths is None else [data.paths[i] for i in keep.tolist()])
+
+
+def download(name, root):
+    """Fetch a data set into root in torchvision's on-disk format; the error as a string when that fails."""
+    dataset = {"fashionmnist": torchvision.datasets.FashionMNIST, "cifar10": torchvision.datasets.CIFAR10,
+               "cifar100": torchvision.datasets.CIFAR100, "stl10": torchvision.datasets.STL10}[name]
+    try:
+        dataset(root, download=True)
+    except Exception as e:  # offline, refused, or a broken archive: whatever the reason, the user acts the same
+        return str(e) or type(e).__name__
+    return None
+
+
+def read_idx(path, ndim):
+    """A gzip-compressed IDX file of unsigned bytes: magic 0x0000080<ndim>, ndim big-endian int32 sizes, the data."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise SystemExit(f"{path} is not a complete gzip file ({e}): download it again.")
+    header = 4 + 4 * ndim
+    if len(raw) < header or raw[:4] != bytes((0, 0, 8, ndim)):
+        raise SystemExit(f"{path} is not an IDX file of {ndim}-dimensional unsigned bytes: download it again.")
+    dims = struct.unpack(f">{ndim}i", raw[4:header])
+    if len(raw) != header + math.prod(dims):
+        raise SystemExit(f"{path} holds {len(raw) - header} data bytes where its header promises "
+                         f"{math.prod(dims)} ({' x '.join(map(str, dims))}): the file is truncated or corrupt; "
+                         f"download it again.")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims).copy()
+
+
+def read_fashionmnist(data_dir, split):
+    stem = "t10k" if split == "test" else "train"
+    files = (f"{stem}-images-idx3-ubyte.gz", f"{stem}-labels-idx1-ubyte.gz")
+    root = data_dir or DEFAULT_DATA_DIR
+    downloaded = os.path.join(root, "FashionMNIST", "raw")  # torchvision's layout
+    places = ([data_dir] if data_dir else []) + [FASHION_MNIST_SYSTEM_DIR, downloaded]
+    found = next((d for d in places if all(os.path.exists(os.path.join(d, f)) for f in files)), None)
+    if found is None:
+        error = download("fashionmnist", root)
+        if error:
+            raise SystemExit(f"Fashion-MNIST's IDX files are in none of {', '.join(places)} and could not be "
+                             f"downloaded ({error}): install them with "
+                             f"`apt-get install dataset-fashion-mnist`, or pass --data-dir DIR holding the four "
+                             f"IDX .gz files.")
+        found = downloaded
+    images = read_idx(os.path.join(found, files[0]), 3)
+    labels = read_idx(os.path.join(found, files[1]), 1)
+    if len(images) != len(labels) or labels.max(initial=0) > 9:
+        raise SystemExit(f"{os.path.join(found, files[1])} does not hold one label in 0..9 for each of the "
+                         f"{len(images)} images of {files[0]}: download both files again.")
+    return torch.from_numpy(images).unsqueeze(1).repeat(1, 3, 1, 1), torch.from_numpy(labels).long()
+
+
+def read_cifar(name, data_dir, split):
+    """CIFAR's python version: pickled dicts with "data" (N x 3072 uint8, the R, G and B planes row-major) and
+    "labels" (CIFAR-10) or "fine_labels" (CIFAR-100)."""
+    folder, train_files, test_files, key = {
+        "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
+        "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels")}[name]
+    root = data_dir or DEFAULT_DATA_DIR
+    paths = [os.path.join(root, folder, f) for f in (test_files if split == "test" else train_files)]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        error = download(name, root)
+        if error:
+            raise SystemExit(f"{missing[0]} does not exist and {name} could not be downloaded ({error}): pass "
+                             f"--data-dir DIR holding {folder}/ from the python version of {name}.")
+    images, labels = [], []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+            x = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            y = np.asarray(entry[key], dtype=np.int64)
+        except Exception as e:  # a truncated pickle, another file under this name, ...: the same fix
+            raise SystemExit(f"{path} is not a readable {name} batch ({type(e).__name__}: {e}): download it again.")
+        if len(x) != len(y) or y.min(initial=0) < 0 or y.max(initial=0) >= (100 if name == "cifar100" else 10):
+            raise SystemExit(f"{path} does not hold one valid label for each of its {len(x)} images: download it "
+                             f"again.")
+        images.append(x)
+        labels.append(y)
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def read_stl10(data_dir, split):
+    """STL-10's binary version: *_X.bin holds 3 x 96 x 96 uint8 per image, each channel column-major; *_y.bin one
+    byte per image, labels 1..10."""
+    folder = os.path.join(data_dir or DEFAULT_DATA_DIR, "stl10_binary")
+    parts = {"pretrain": [("train_X.bin", "train_y.bin"), ("unlabeled_X.bin", None)],
+             "train": [("train_X.bin", "train_y.bin")], "test": [("test_X.bin", "test_y.bin")]}[split]
+    files = [os.path.join(folder, f) for part in parts for f in part if f]
+    missing = [p for p in files if not os.path.exists(p)]
+    if missing:
+        error = download("stl10", data_dir or DEFAULT_DATA_DIR)
+        if error:
+            raise SystemExit(f"{missing[0]} does not exist and STL-10 could not be downloaded ({error}): pass "
+                             f"--data-dir DIR holding stl10_binary/ from STL-10's binary version.")
+    images, labels = [], []
+    for x_file, y_file in parts:
+        path = os.path.join(folder, x_file)
+        x = np.fromfile(path, np.uint8)
+        if x.size == 0 or x.size % (3 * 96 * 96):
+            raise SystemExit(f"{path} holds {x.size} bytes, not a whole number of 3 x 96 x 96 images: the file is "
+                             f"truncated or corrupt; download it again.")
+        images.append(x.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2))
+        if y_file is None:
+            labels.append(np.full(len(images[-1]), -1, np.int64))
+            continue
+        path = os.path.join(folder, y_file)
+        y = np.fromfile(path, np.uint8).astype(np.int64) - 1
+        if len(y) != len(images[-1]) or y.min(initial=0) < 0 or y.max(initial=0) > 9:
+            raise SystemExit(f"{path} does not hold one label in 1..10 for each of the {len(images[-1])} images "
+                             f"of {x_file}: download STL-10 again.")
+        labels.append(y)
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def class_folders(root):
+    if not os.path.isdir(root):
+        raise SystemExit(f"{root} does not exist: --data-dir must hold train/ and val/, each with one folder of "
+                         f"images per class.")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise SystemExit(f"{root} holds no class folders: put each class's images in a folder of its own.")
+    return classes
+
+
+def read_imagefolder(data_dir, split):
+    """train/<class>/... and val/<class>/... (any depth below the class folder); labels number the class folders
+    of train/ in sorted order, and val/ must have the same ones. Images are decoded only when read."""
+    if data_dir is None:
+        raise SystemExit("--data imagefolder needs --data-dir DIR holding train/ and val/ class folders.")
+    classes = class_folders(os.path.join(data_dir, "train"))
+    root = os.path.join(data_dir, "val" if split == "test" else "train")
+    if split == "test" and class_folders(root) != classes:
+        raise SystemExit(f"the class folders of {root} differ from those of {os.path.join(data_dir, 'train')}: "
+                         f"give both the same classes.")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        folder = os.path.join(root, name)
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder, followlinks=True) for f in fs
+                       if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise SystemExit(f"the class folder {folder} holds no images ({' '.join(IMAGE_EXTENSIONS)}): add its "
+                             f"images or remove the folder.")
+        paths += files
+        labels += [label] * len(files)
+    return paths, torch.tensor(labels), len(classes)
+
+
+def synthetic_data(split, n=None, num_classes=10, size=32):
+    """A class-structured stand-in data set, the same on every call: each class is a two-colour grating (its own
+    orientation, frequency and colours); an image is its class's grating at a random phase, overlaid with a fainter
+    grating of a random class, at a random brightness, plus pixel noise. A kNN on raw pixels is far above chance
+    but far from perfect (10 classes: 1-NN 65%, weighted 20-NN 56%), so features invariant to the phase have room
+    to do better. n defaults to 2000 (train, pretrain) or 500 (test)."""
+    g = torch.Generator().manual_seed(0)
+    orientation = math.pi * torch.rand(num_classes, generator=g)
+    frequency = 1 + 3 * torch.rand(num_classes, generator=g)  # cycles per image, so any size looks alike
+    colours = torch.rand(num_classes, 2, 3, generator=g)
+    n = n or (500 if split == "test" else 2000)
+    g = torch.Generator().manual_seed(2 if split == "test" else 1)
+    labels = torch.randperm(n, generator=g) % num_classes
+    t = torch.linspace(0, 1, size)
+    y, x = torch.meshgrid(t, t, indexing="ij")
+
+    def grating(c):
+        phase = 2 * math.pi * torch.rand(n, 1, 1, generator=g)
+        along = x * orientation[c].cos().view(-1, 1, 1) + y * orientation[c].sin().view(-1, 1, 1)
+        p = (0.5 + 0.5 * torch.sin(2 * math.pi * frequency[c].view(-1, 1, 1) * along + phase)).unsqueeze(1)
+        return p * colours[c, 0, :, None, None] + (1 - p) * colours[c, 1, :, None, None]
+
+    img = 0.6 * grating(labels) + 0.4 * grating(torch.randint(num_classes, (n,), generator=g))
+    img = img * (0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=g)) + 0.2 * torch.randn(img.shape, generator=g)
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+
+# --- torchvision backend: per-image transforms on PIL images ---
+
+def preset(aug):
+    if aug not in PRESETS:
+        raise SystemExit(f"unknown augmentation {aug!r}: choose one of {', '.join(PRESETS)}.")
+    return PRESETS[aug]
+
+
+def blur_kernel_size(img_size):
+    """MoCo-v2's kernel covers about 10% of the image (23 px at 224), odd; at least 3."""
+    return max(3, int(0.1 * img_size) // 2 * 2 + 1)
+
+
+def view_transform(aug, img_size, mean, std):
+    """One random view: PIL image -> normalised float tensor [3, img_size, img_size]."""
+    a = preset(aug)
+    steps = [T.RandomResizedCrop(img_size, scale=a.scale, ratio=RATIO)]
+    if a.jitter:
+        steps.append(T.RandomApply([T.ColorJitter(*a.jitter)], p=a.p_jitter))
+    if a.p_grey:
+        steps.append(T.RandomGrayscale(p=a.p_grey))
+    if a.p_blur:
+        steps.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(img_size), sigma=BLUR_SIGMA)], p=a.p_blur))
+    steps += [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+def eval_transform(img_size, mean, std):
+    """Image files (imagefolder): ImageNet's protocol, resize to img_size / 0.875 and keep the centre."""
+    return T.Compose([T.Resize(round(img_size / 0.875)), T.CenterCrop(img_size), T.ToTensor(),
+                      T.Normalize(mean, std)])
+
+
+def pil_image(data, i):
+    if data.images is not None:
+        return Image.fromarray(data.images[i].permute(1, 2, 0).cpu().numpy())
+    path = data.paths[i]
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise SystemExit(f"cannot read the image {path} ({e}): replace or delete the file.")
+
+
+class TwoViewDataset(torch.utils.data.Dataset):
+    """(view1, view2, label): two independent draws of `transform` on one image."""
+
+    def __init__(self, data, transform):
+        self.data, self.transform = data, transform
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        img = pil_image(self.data, i)
+        return self.transform(img), self.transform(img), self.data.labels[i]
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(transform(image), label): one view per image, e.g. eval_transform or linear evaluation's training crops."""
+
+    def __init__(self, data, transform):
+        self.data, self.transform = data, transform
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.transform(pil_image(self.data, i)), self.data.labels[i]
+
+
+# --- batched backend: the same distribution, per-sample parameters, whole batches on their device ---
+
+def grey(x):
+    """[B, 3, H, W] in [0, 1] -> luma [B, 1, H, W]."""
+    r, g, b = x.unbind(1)
+    return (GREY_WEIGHTS[0] * r + GREY_WEIGHTS[1] * g + GREY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def blend(x, y, factor):
+    """factor * x + (1 - factor) * y, clipped to [0, 1], one factor per image."""
+    return torch.lerp(y, x, factor.view(-1, 1, 1, 1)).clamp(0, 1)
+
+
+def adjust_brightness(x, factor):  # a blend with black
+    return (x * factor.view(-1, 1, 1, 1)).clamp(0, 1)
+
+
+def adjust_contrast(x, factor):  # a blend with the image's mean grey level
+    return blend(x, grey(x).mean((1, 2, 3), keepdim=True), factor)
+
+
+def adjust_saturation(x, factor):  # a blend with the grey image
+    return blend(x, grey(x), factor)
+
+
+def adjust_hue(x, shift):
+    """Rotate the hue by `shift` turns, keeping HSV's value and saturation (so the channels' max and min)."""
+    r, g, b = x.unbind(1)
+    high, low = x.amax(1), x.amin(1)
+    chroma = high - low
+    # hue in sixths of a turn (0 red, 2 green, 4 blue), read off the brightest channel
+    h6 = torch.where(high == r, g - b, torch.where(high == g, b - r + 2 * chroma, r - g + 4 * chroma))
+    h6 = torch.remainder(h6 / torch.where(chroma > 0, chroma, 1) + 6 * shift.view(-1, 1, 1), 6)
+    # the fully saturated colour of hue h6: each channel a trapezoid in h6
+    pure = torch.stack([(h6 - 3).abs() - 1, 2 - (h6 - 2).abs(), 2 - (h6 - 4).abs()], 1).clamp(0, 1)
+    return low.unsqueeze(1) + chroma.unsqueeze(1) * pure
+
+
+JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # torchvision's op numbering
+
+
+def resized_crop(images, box, flip, size):
+    """uint8 [B, 3, H, W] -> float [B, 3, size, size] in [0, 1]: each image's crop box (top, left, height, width)
+    resized bilinearly, mirrored where flip is set, in one resampling. No antialiasing: crops much larger than
+    `size` alias (pretraining crops data of about its own size, where crops are upsampled)."""
+    n, _, height, width = images.shape
+    top, left, h, w = box.to(torch.float32).unbind(1)
+    # The affine map from output to input coordinates, both in [-1, 1] between the outer pixel edges
+    # (align_corners=False); a negative x scale mirrors the crop.
+    theta = torch.zeros(n, 2, 3, device=images.device)
+    theta[:, 0, 0] = torch.where(flip, -w, w) / width
+    theta[:, 0, 2] = (2 * left + w) / width - 1
+    theta[:, 1, 1] = h / height
+    theta[:, 1, 2] = (2 * top + h) / height - 1
+    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
+    # keep samples between the crop's outermost pixel centres, so no pixel outside the crop leaks in at its edges
+    low = torch.stack([(2 * left + 1) / width, (2 * top + 1) / height], 1).view(n, 1, 1, 2) - 1
+    high = torch.stack([(2 * (left + w) - 1) / width, (2 * (top + h) - 1) / height], 1).view(n, 1, 1, 2) - 1
+    return F.grid_sample(images.float() / 255, grid.clamp(low, high), mode="bilinear", align_corners=False)
+
+
+def gaussian_blur(x, sigma, kernel_size):
+    """A separable Gaussian per image (sigma [B]) with reflect padding, as torchvision's GaussianBlur."""
+    n, c, height, width = x.shape
+    half = (kernel_size - 1) / 2
+    t = torch.linspace(-half, half, kernel_size, device=x.device)
+    kernel = torch.exp(-0.5 * (t / sigma.view(-1, 1)) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # one per (image, channel)
+    pad = kernel_size // 2
+    y = x.reshape(1, n * c, height, width)  # grouped convolutions: every channel of every image its own kernel
+    y = F.conv2d(F.pad(y, (pad, pad, 0, 0), mode="reflect"), kernel.view(n * c, 1, 1, kernel_size), groups=n * c)
+    y = F.conv2d(F.pad(y, (0, 0, pad, pad), mode="reflect"), kernel.view(n * c, 1, kernel_size, 1), groups=n * c)
+    return y.view(n, c, height, width)
+
+
+class BatchedAugment:
+    """view_transform's distribution on whole batches: uint8 [B, 3, H, W] -> normalised float32
+    [B, 3, img_size, img_size] on the same device, every image with its own random parameters. Crop, resize and flip
+    are one resampling; then colour jitter, greyscale and blur, in torchvision's order (flipping commutes with all
+    three). Randomness comes only from the generator passed, so views are reproducible for a seed."""
+
+    def __init__(self, aug, img_size, mean, std):
+        self.aug = preset(aug)
+        self.img_size = img_size
+        self.kernel_size = blur_kernel_size(img_size)
+        self.mean, self.std = mean, std
+
+    def __call__(self, images, generator=None):
+        device = images.device if generator is None else generator.device
+        params = self.sample_params(len(images), *images.shape[-2:], generator, device)
+        return self.apply(images, {k: v.to(images.device) for k, v in params.items()})
+
+    def sample_params(self, n, height, width, generator=None, device="cpu"):
+        """n images' parameters: crop box [n, 4] (top, left, height, width) as RandomResizedCrop draws it, flip,
+        jitter, grey and blur coins [n], jitter order [n, 4] (a permutation of the ops), jitter factors [n, 4]
+        (brightness, contrast, saturation, hue shift) and blur sigma [n]."""
+        def uniform(low, high, *shape):
+            return low + (high - low) * torch.rand(shape or (n,), generator=generator, device=device)
+
+        def coin(p):
+            return torch.rand(n, generator=generator, device=device) < p
+
+        # RandomResizedCrop: 10 tries of (area fraction uniform in scale, log aspect ratio uniform); the first that
+        # fits in the image wins, placed uniformly; if none fits, the largest centred box of an allowed ratio.
+        area = uniform(*self.aug.scale, n, 10) * (height * width)
+        ratio = torch.exp(uniform(math.log(RATIO[0]), math.log(RATIO[1]), n, 10))
+        w, h = torch.sqrt(area * ratio).round(), torch.sqrt(area / ratio).round()
+        fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        first = fits.int().argmax(1, keepdim=True)
+        w, h, found = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1), fits.any(1)
+        w_centre = min(width, round(height * RATIO[1]))
+        h_centre = min(height, round(w_centre / RATIO[0]))
+        w, h = torch.where(found, w, w_centre), torch.where(found, h, h_centre)
+        top = torch.where(found, (uniform(0, 1) * (height - h + 1)).floor(), (height - h) // 2)
+        left = torch.where(found, (uniform(0, 1) * (width - w + 1)).floor(), (width - w) // 2)
+
+        b, c, s, hue = self.aug.jitter or (0, 0, 0, 0)
+        return {"box": torch.stack([top, left, h, w], 1).long(), "flip": coin(0.5),
+                "jitter": coin(self.aug.p_jitter),
+                "order": torch.rand(n, 4, generator=generator, device=device).argsort(1),
+                "factors": torch.stack([uniform(1 - b, 1 + b), uniform(1 - c, 1 + c), uniform(1 - s, 1 + s),
+                                        uniform(-hue, hue)], 1),
+                "grey": coin(self.aug.p_grey), "blur": coin(self.aug.p_blur), "sigma": uniform(*BLUR_SIGMA)}
+
+    def apply(self, images, params):
+        x = resized_crop(images, params["box"], params["flip"], self.img_size)
+        for slot in range(4):  # ColorJitter: in slot k, every jittered image applies its op order[k]
+            for op, adjust in enumerate(JITTER_OPS):
+                i = (params["jitter"] & (params["order"][:, slot] == op)).nonzero().squeeze(1)
+                x[i] = adjust(x[i], params["factors"][i, op])
+        x = torch.where(params["grey"].view(-1, 1, 1, 1), grey(x).expand_as(x), x)
+        i = params["blur"].nonzero().squeeze(1)
+        if len(i):
+            x[i] = gaussian_blur(x[i], params["sigma"][i], self.kernel_size)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+# --- evaluation ---
+
+def eval_resize(images, img_size):
+    """In-memory images (uint8 [B, 3, H, W]) -> float in [0, 1], the shorter side resized to img_size and the
+    centre kept. These sets are small, centred images (Fashion-MNIST, CIFAR, STL-10): at their own size this is the
+    identity, which is how they are evaluated; ImageNet's 0.875 centre crop would cut off object edges here."""
+    x = images.float() / 255
+    height, width = x.shape[-2:]
+    if (height, width) == (img_size, img_size):
+        return x
+    scale = img_size / min(height, width)
+    x = F.interpolate(x, size=(max(img_size, round(height * scale)), max(img_size, round(width * scale))),
+                      mode="bilinear", antialias=True, align_corners=False)
+    top, left = (x.shape[-2] - img_size) // 2, (x.shape[-1] - img_size) // 2
+    return x[..., top:top + img_size, left:left + img_size]
+
+
+class EvalLoader:
+    """Batches (x float32 normalised [B, 3, img_size, img_size], y int64), on device, in data-set order; iterate
+    it as often as needed."""
+
+    def __init__(self, data, img_size, batch_size=256, workers=0, device="cpu"):
+        self.data, self.img_size, self.batch_size, self.device = data, img_size, batch_size, torch.device(device)
+        if data.images is None:
+            self.loader = torch.utils.data.DataLoader(
+                ImageDataset(data, eval_transform(img_size, data.mean, data.std)), batch_size=batch_size,
+                num_workers=workers, pin_memory=self.device.type == "cuda")
+
+    def __len__(self):
+        return math.ceil(len(self.data) / self.batch_size)
+
+    def __iter__(self):
+        if self.data.images is None:
+            for x, y in self.loader:
+                yield x.to(self.device, non_blocking=True), y.to(self.device)
+            return
+        mean = torch.tensor(self.data.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.data.std, device=self.device).view(1, 3, 1, 1)
+        for start in range(0, len(self.data), self.batch_size):
+            batch = slice(start, start + self.batch_size)
+            x = eval_resize(self.data.images[batch].to(self.device), self.img_size)
+            yield (x - mean) / std, self.data.labels[batch].to(self.device)
+
+
+def eval_loader(data, img_size, batch_size=256, workers=0, device="cpu"):
+    """The evaluation transform (resize + centre crop, normalised) over a whole data set, for kNN and linear
+    evaluation alike."""
+    return EvalLoader(data, img_size, batch_size, workers, device)
