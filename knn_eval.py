@@ -1,0 +1,329 @@
+"""kNN evaluation and over-clustering diagnostics of a pretrained or randomly initialised backbone (SPEC section 7).
+
+    python knn_eval.py --ckpt runs/mnv3s/checkpoint.pt --subset 10000 --k 20 200 --sweep --diagnostics --json OUT
+    python knn_eval.py --arch mobilenetv3_small --random-init --data fashionmnist --subset 10000 --json OUT
+
+Features are the pooled backbone output of the query encoder (--encoder key, --features head for the projection
+output) under the evaluation transform. The bank is the training split (--subset), the queries the test split
+(--test-subset). Data settings default to the checkpoint's; --arch, --small-stem or --img-size contradicting it is an
+error, while another --data is allowed (transfer evaluation) and reported.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import models
+from data import (AUGS, DATASETS, BatchedAugment, TwoViewDataset, default_img_size, eval_loader, load_data,
+                  view_transform)
+
+BEST_NN_KS = tuple(range(1, 102, 2))
+
+
+# ----- pure functions of tensors -----------------------------------------------------------------------------------
+
+def nearest(sim, k):
+    """(values, indices) of the k largest entries of each row, largest first; equal values rank the lower column
+    first. torch.topk leaves the order of equal values unspecified, so rows with ties are re-ranked by a stable sort."""
+    values, idx = sim.topk(k, dim=1)
+    tied = ((sim >= values[:, -1:]).sum(1) > k) | (values[:, 1:] == values[:, :-1]).any(1)
+    if tied.any():
+        v, i = sim[tied].sort(dim=1, descending=True, stable=True)
+        values[tied], idx[tied] = v[:, :k], i[:, :k]
+    return values, idx
+
+
+def knn_predict(query, bank, bank_labels, num_classes, k=200, t=0.1, chunk=1024):
+    """Weighted-kNN class scores [Nq, C] (InstDisc): each of a query's k most similar bank entries (cosine similarity,
+    inputs L2-normalised; k clamped to the bank size) votes for its class with weight exp(sim / t). Only `chunk`
+    rows of the similarity matrix exist at a time."""
+    k = min(k, len(bank))
+    scores = []
+    for q in query.split(chunk):
+        sim, idx = nearest(q @ bank.T, k)
+        votes = torch.zeros(len(q), num_classes, device=q.device, dtype=sim.dtype)
+        scores.append(votes.scatter_add_(1, bank_labels[idx], (sim / t).exp()))
+    return torch.cat(scores)
+
+
+def topk_accuracy(scores, labels):
+    """(top-1 %, top-5 %), top-5 None with 5 classes or fewer; equal scores rank the lower class index first."""
+    ranked = scores.argsort(dim=1, descending=True, stable=True)[:, :5]
+    hit = ranked == labels.view(-1, 1)
+    top5 = 100 * hit.any(1).sum().item() / len(labels) if scores.shape[1] > 5 else None
+    return 100 * hit[:, 0].sum().item() / len(labels), top5
+
+
+def squared_distances(a, b):
+    return ((a * a).sum(1, keepdim=True) - 2 * a @ b.T + (b * b).sum(1)).clamp_min(0)
+
+
+def best_nn_accuracies(query, query_labels, bank, bank_labels, num_classes, ks=BEST_NN_KS, chunk=1024):
+    """{k: top-1 %} of a majority vote among the k nearest bank entries in Euclidean distance (raw features), for
+    every k in ks up to the bank size. The nearest max(ks) are found once per chunk of queries and reused for every k.
+    Equal distances rank the lower bank index first; a tied vote goes to the tied class met first (its nearest
+    member is nearest)."""
+    ks = [k for k in ks if k <= len(bank)]
+    kmax = max(ks)
+    correct = dict.fromkeys(ks, 0)
+    for q, y in zip(query.split(chunk), query_labels.split(chunk)):
+        labels = bank_labels[nearest(-squared_distances(q, bank), kmax)[1]]  # [c, kmax], nearest first
+        rank = torch.arange(kmax, device=q.device).expand_as(labels)
+        first = torch.full((len(q), num_classes), kmax, device=q.device).scatter_reduce_(1, labels, rank, "amin")
+        counts = torch.zeros(len(q), num_classes, dtype=torch.long, device=q.device)
+        for k in range(1, kmax + 1):
+            counts.scatter_add_(1, labels[:, k - 1:k], torch.ones_like(labels[:, :1]))
+            if k in correct:  # counts decide; among equal counts the class met first wins
+                correct[k] += ((counts * (kmax + 1) - first).argmax(1) == y).sum().item()
+    return {k: 100 * c / len(query) for k, c in correct.items()}
+
+
+def alignment(z1, z2):
+    """Mean ||z1_i - z2_i||^2 over the views of each image (L2-normalised features)."""
+    return (z1 - z2).pow(2).sum(1).mean().item()
+
+
+def uniformity(z, t=2.0, chunk=1024):
+    """log of the mean of exp(-t ||z_i - z_j||^2) over all pairs of different images i != j."""
+    total = 0.0
+    for start in range(0, len(z), chunk):
+        d2 = squared_distances(z[start:start + chunk], z)
+        rows = torch.arange(len(d2), device=z.device)
+        d2[rows, rows + start] = math.inf  # leave out i == j
+        total += (-t * d2).exp().sum(dtype=torch.float64).item()
+    return math.log(total / (len(z) * (len(z) - 1)))
+
+
+def intra_class_alignment(z, labels, num_classes):
+    """Mean ||z_i - z_j||^2 over all pairs i != j of different images of the same class. Per class of n images,
+    sum_{i,j} ||z_i - z_j||^2 = 2 n sum_i ||z_i||^2 - 2 ||sum_i z_i||^2."""
+    z = z.double()
+    n = torch.bincount(labels, minlength=num_classes).double()
+    sums = torch.zeros(num_classes, z.shape[1], dtype=z.dtype, device=z.device).index_add_(0, labels, z)
+    sq = torch.zeros(num_classes, dtype=z.dtype, device=z.device).index_add_(0, labels, z.pow(2).sum(1))
+    return ((2 * n * sq - 2 * sums.pow(2).sum(1)).sum() / (n * (n - 1)).sum()).item()
+
+
+def instance_accuracy(z1, z2, chunk=1024):
+    """% of the 2N views whose nearest neighbour (cosine, L2-normalised features) among the other 2N - 1 views is the
+    other view of its own image; equal similarities pick the lower index."""
+    z = torch.cat([z1, z2])
+    n = len(z1)
+    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    hits = 0
+    for start in range(0, 2 * n, chunk):
+        sim = z[start:start + chunk] @ z.T
+        rows = torch.arange(len(sim), device=z.device)
+        sim[rows, rows + start] = -math.inf
+        hits += (sim.argmax(1) == partner[start:start + chunk]).sum().item()
+    return 100 * hits / (2 * n)
+
+
+# ----- features -------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def extract_features(model, data, img_size, batch_size=256, device="cpu", workers=0):
+    """(features float32 [N, d] on the CPU, labels [N]) of every image under the evaluation transform, in data-set
+    order. The model runs in eval mode; every submodule's train/eval mode is restored afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    feats, labels = [], []
+    try:
+        for x, y in eval_loader(data, img_size, batch_size, workers, device):
+            feats.append(model(x).float().cpu())
+            labels.append(y.cpu())
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return torch.cat(feats), torch.cat(labels)
+
+
+def knn_monitor(backbone, train_data, test_data, img_size, device, k=200, t=0.1):
+    """Weighted-kNN top-1 % of test_data against a bank of train_data (pretrain.py's monitor)."""
+    bank, bank_labels = extract_features(backbone, train_data, img_size, device=device)
+    query, labels = extract_features(backbone, test_data, img_size, device=device)
+    scores = knn_predict(F.normalize(query.to(device), dim=1), F.normalize(bank.to(device), dim=1),
+                         bank_labels.to(device), train_data.num_classes, k, t)
+    return topk_accuracy(scores, labels.to(device))[0]
+
+
+@torch.no_grad()
+def view_features(model, data, aug, img_size, seed, batch_size, device, workers=0):
+    """L2-normalised features of two augmented views of each image, (z1, z2), reproducible for a seed: in-memory
+    images through BatchedAugment with a seeded CPU generator (the same views on any device), image files through
+    view_transform in a DataLoader after seeding torch."""
+    model.eval()
+    if data.images is not None:
+        augment, gen = BatchedAugment(aug, img_size, data.mean, data.std), torch.Generator().manual_seed(seed)
+        batches = ((augment(x, gen), augment(x, gen)) for x in data.images.to(device).split(batch_size))
+    else:
+        torch.manual_seed(seed)
+        batches = torch.utils.data.DataLoader(TwoViewDataset(data, view_transform(aug, img_size, data.mean, data.std)),
+                                              batch_size=batch_size, num_workers=workers)
+    z1, z2 = [], []
+    for batch in batches:
+        z1.append(F.normalize(model(batch[0].to(device)).float(), dim=1))
+        z2.append(F.normalize(model(batch[1].to(device)).float(), dim=1))
+    return torch.cat(z1), torch.cat(z2)
+
+
+# ----- the network and its data, shared with linear_eval.py ---------------------------------------------------------
+
+def add_model_flags(p):
+    a = p.add_argument
+    a("--ckpt", help="checkpoint.pt written by pretrain.py")
+    a("--arch", choices=models.ARCHS, help="with --random-init: the untrained baseline; with --ckpt: must match it")
+    a("--random-init", action="store_true", help="evaluate an untrained backbone, initialised with --seed")
+    a("--encoder", default="query", choices=("query", "key"), help="the checkpoint's query or momentum encoder")
+    a("--small-stem", action="store_true", help="stem for 28-64 px inputs; read from the checkpoint")
+    a("--data", choices=DATASETS, help="default: the checkpoint's (another one is a transfer evaluation), else "
+                                       "fashionmnist")
+    a("--data-dir", default=None, help="default: the checkpoint's")
+    a("--subset", default=None, help="training images used, 'N' or 'N/class'; default: the checkpoint's")
+    a("--test-subset", default=None, help="test images used, 'N' or 'N/class'; default: all")
+    a("--img-size", type=int, default=0, help="0 = the checkpoint's, else the data set's native size")
+    a("--seed", type=int, default=None, help="subset draws and random init; default: the checkpoint's, else 0")
+    a("--batch-size", type=int, default=256)
+    a("--workers", type=int, default=0, help="DataLoader workers (image-file data sets)")
+    a("--channels-last", action="store_true", help="channels-last memory format (MobileNet/EfficientNet on a CPU: "
+                                                   "several times faster)")
+    a("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+
+
+def load_model(args):
+    """(backbone, head or None, feat_dim) named by --ckpt or --arch --random-init, on the CPU in eval mode. Fills the
+    unset flags from the checkpoint's args; a flag contradicting them is an error."""
+    if bool(args.ckpt) == args.random_init:
+        raise SystemExit("pass either --ckpt CHECKPOINT or --arch NAME --random-init (the untrained baseline).")
+    if args.random_init:
+        if args.arch is None:
+            raise SystemExit("--random-init needs --arch NAME: the architecture to initialise.")
+        if args.encoder != "query":
+            raise SystemExit("--encoder key needs a --ckpt: a random initialisation has a single encoder.")
+        args.data, args.pretrain_data, args.pretrain_aug = args.data or "fashionmnist", None, None
+        args.seed = 0 if args.seed is None else args.seed
+        args.img_size = args.img_size or default_img_size(args.data)
+        torch.manual_seed(args.seed)
+        backbone, dim = models.build_backbone(args.arch, args.small_stem)
+        return backbone.eval(), None, dim
+    backbone, head, dim, saved = models.load_pretrained(args.ckpt, args.encoder)
+    stored_size = saved.get("img_size") or 0
+    for conflict, trained in ((args.arch not in (None, saved["arch"]), f"--arch {saved['arch']}"),
+                              (args.small_stem and not saved.get("small_stem"), "the standard stem"),
+                              (args.img_size and stored_size and args.img_size != stored_size,
+                               f"--img-size {stored_size}")):
+        if conflict:
+            raise SystemExit(f"{args.ckpt} was trained with {trained}: drop the contradicting flag, the checkpoint's "
+                             f"setting is used.")
+    args.arch, args.small_stem = saved["arch"], bool(saved.get("small_stem"))
+    args.pretrain_data, args.pretrain_aug = saved.get("data"), saved.get("aug")
+    args.data = args.data or args.pretrain_data or "fashionmnist"
+    same_data = args.data == args.pretrain_data
+    args.data_dir = args.data_dir or (saved.get("data_dir") if same_data else None)
+    args.subset = args.subset or (saved.get("subset") if same_data else None)
+    args.seed = saved.get("seed", 0) if args.seed is None else args.seed
+    args.img_size = args.img_size or stored_size or default_img_size(args.data)
+    if not same_data:
+        print(f"transfer evaluation: {args.ckpt} was pretrained on {args.pretrain_data}, evaluated on {args.data}")
+    return backbone, head, dim
+
+
+def pick_device(name):
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def settings(args, device, dim, num_classes):
+    return {"arch": args.arch, "ckpt": args.ckpt, "random_init": args.random_init, "encoder": args.encoder,
+            "small_stem": args.small_stem, "img_size": args.img_size, "data": args.data,
+            "pretrain_data": args.pretrain_data, "subset": args.subset, "test_subset": args.test_subset,
+            "seed": args.seed, "feat_dim": dim, "num_classes": num_classes, "device": str(device)}
+
+
+def write_json(results, path):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+
+
+# ----- the script -------------------------------------------------------------------------------------------------
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p)
+    a = p.add_argument
+    a("--features", default="backbone", choices=("backbone", "head"), help="pooled backbone output, or the "
+                                                                           "projection head's")
+    a("--k", type=int, nargs="+", default=[200], help="neighbours of the weighted kNN (200 on small data, 20 on "
+                                                      "ImageNet); several values share one feature extraction")
+    a("--t", type=float, default=0.1, help="temperature of the kNN vote weights exp(sim / t)")
+    a("--sweep", action="store_true", help="also best-NN: Euclidean, majority vote, best k in 1, 3, ..., 101")
+    a("--diagnostics", action="store_true", help="alignment, uniformity, intra-class alignment, instance accuracy")
+    a("--diag-per-class", type=int, default=50, help="training images per class for the diagnostics")
+    a("--diag-aug", choices=AUGS, default=None, help="views for the diagnostics; default: the checkpoint's --aug, "
+                                                      "else mocov2")
+    a("--chunk", type=int, default=1024, help="query rows of the similarity matrix held at a time")
+    a("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    if min(args.k) < 1 or args.t <= 0 or args.chunk < 1 or args.diag_per_class < 2:
+        raise SystemExit("--k and --chunk must be at least 1, --t positive and --diag-per-class at least 2.")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    start = time.time()
+    backbone, head, dim = load_model(args)
+    if args.features == "head" and head is None:
+        raise SystemExit("--features head needs a --ckpt: a random initialisation has no trained projection head.")
+    model = backbone if args.features == "backbone" else torch.nn.Sequential(backbone, head)
+    device = pick_device(args.device)
+    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    train = load_data(args.data, "train", args.data_dir, args.subset, args.seed)
+    test = load_data(args.data, "test", args.data_dir, args.test_subset, args.seed)
+    bank, bank_labels = (t.to(device) for t in extract_features(model, train, args.img_size, args.batch_size, device,
+                                                                 args.workers))
+    query, labels = (t.to(device) for t in extract_features(model, test, args.img_size, args.batch_size, device,
+                                                            args.workers))
+    dim = bank.shape[1]
+    results = {"protocol": "knn", **settings(args, device, dim, train.num_classes), "features": args.features,
+               "n_bank": len(bank), "n_query": len(query), "t": args.t, "knn": [], "best_nn": None,
+               "diagnostics": None}
+    print(f"{args.arch} ({'random init' if args.random_init else args.ckpt}), {args.features} features d={dim}, "
+          f"{args.data} at {args.img_size} px: bank {len(bank)}, queries {len(query)}")
+    print(f"{'protocol':<22}{'k':>5}{'top-1':>8}{'top-5':>8}")
+    normed_bank, normed_query = F.normalize(bank, dim=1), F.normalize(query, dim=1)
+    for k in args.k:
+        scores = knn_predict(normed_query, normed_bank, bank_labels, train.num_classes, k, args.t, args.chunk)
+        top1, top5 = topk_accuracy(scores, labels)
+        results["knn"].append({"k": k, "top1": top1, "top5": top5})
+        print(f"{f'weighted kNN, T {args.t:g}':<22}{k:>5}{top1:>8.2f}{'-' if top5 is None else f'{top5:.2f}':>8}")
+    if args.sweep:
+        by_k = best_nn_accuracies(query, labels, bank, bank_labels, train.num_classes, chunk=args.chunk)
+        best = max(by_k, key=lambda k: (by_k[k], -k))  # equal accuracies: the smaller k
+        results["best_nn"] = {"k": best, "top1": by_k[best], "by_k": by_k}
+        print(f"{'best-NN (Euclidean)':<22}{best:>5}{by_k[best]:>8.2f}{'-':>8}")
+    if args.diagnostics:
+        aug = args.diag_aug or args.pretrain_aug or "mocov2"
+        fixed = load_data(args.data, "train", args.data_dir, f"{args.diag_per_class}/class", args.seed)
+        z1, z2 = view_features(model, fixed, aug, args.img_size, args.seed, args.batch_size, device, args.workers)
+        y = fixed.labels.to(device)
+        results["diagnostics"] = diag = {
+            "alignment": alignment(z1, z2), "uniformity": uniformity(z1, chunk=args.chunk),
+            "intra_class_alignment": intra_class_alignment(z1, y, fixed.num_classes),
+            "instance_accuracy": instance_accuracy(z1, z2, args.chunk), "n_images": len(fixed), "aug": aug}
+        print(f"diagnostics on {len(fixed)} images x 2 {aug} views: alignment {diag['alignment']:.4f}, "
+              f"uniformity {diag['uniformity']:.4f}, intra-class alignment {diag['intra_class_alignment']:.4f}, "
+              f"instance accuracy {diag['instance_accuracy']:.2f}%")
+    results["seconds"] = time.time() - start
+    print(f"{results['seconds']:.1f} s on {device}")
+    if args.json:
+        write_json(results, args.json)
+    return results
+
+
+if __name__ == "__main__":
+    main()

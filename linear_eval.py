@@ -1,0 +1,216 @@
+"""Linear evaluation of a pretrained or randomly initialised backbone (SPEC section 7, MoCo's protocol).
+
+    python linear_eval.py --ckpt runs/mnv3s/checkpoint.pt --json results/mnv3s_linear.json
+    python linear_eval.py --arch mobilenetv3_small --random-init --data fashionmnist --json results/random.json
+    python linear_eval.py --ckpt ... --cached --json ...       # fast approximation, labelled "cached-features"
+
+The backbone is frozen and stays in eval mode, so its BN statistics cannot move; a linear classifier on its pooled
+features is trained with SGD (lr 30, wd 0, batch 256, 100 epochs, lr x0.1 at epochs 60 and 80) on random-resized
+crops with flips and tested on the evaluation transform. Afterwards every backbone tensor is compared with the
+loaded one (MoCo's sanity check). --json OUT receives the per-epoch history and the last and best top-1/top-5 (best:
+the epoch with the highest test top-1, as MoCo reports it; last is the number not selected on the test set), and the
+classifier is saved beside it as OUT's name with "_classifier.pt" in place of ".json"; --evaluate CLASSIFIER tests a
+saved classifier again. Network and data flags are those of knn_eval.py.
+"""
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import data
+from knn_eval import add_model_flags, extract_features, load_model, pick_device, settings, topk_accuracy, write_json
+
+
+def check_backbone_unchanged(backbone, reference):
+    """MoCo's sanity check: every backbone tensor, BN running statistics and batch counters included, must equal the
+    reference (a backbone left in train mode moves its BN statistics without any gradient)."""
+    state = backbone.state_dict()
+    changed = sorted(k for k in state.keys() | reference.keys() if k not in state or k not in reference
+                     or not torch.equal(state[k].cpu(), reference[k].cpu()))
+    if changed:
+        raise RuntimeError(f"linear evaluation changed {len(changed)} backbone tensors ({', '.join(changed[:3])}"
+                           f"{', ...' if len(changed) > 3 else ''}), so its results are invalid: this is a bug.")
+
+
+def classifier_path(json_path):
+    return os.path.splitext(json_path)[0] + "_classifier.pt"
+
+
+def epoch_order(n, batch_size, seed, epoch):
+    """This epoch's shuffled index batches; the order depends only on (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).split(batch_size)
+
+
+def augmented_batches(train, images, args, epoch, device, gen):
+    """(crop + flip view, label) batches of one epoch: in-memory images (already on device) through BatchedAugment,
+    image files through view_transform in DataLoader workers."""
+    order = epoch_order(len(train), args.batch_size, args.seed, epoch)
+    if images is not None:
+        augment = data.BatchedAugment("linear", args.img_size, train.mean, train.std)
+        for idx in order:
+            yield augment(images[idx.to(device)], gen), train.labels[idx].to(device)
+        return
+    dataset = data.ImageDataset(train, data.view_transform("linear", args.img_size, train.mean, train.std))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=torch.cat(order).tolist(),
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    for x, y in loader:
+        yield x.to(device, non_blocking=True), y.to(device)
+
+
+def train_epoch(classifier, optimizer, batches, embed):
+    """One pass of SGD on the classifier alone; (mean loss, train top-1 %)."""
+    classifier.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for x, y in batches:
+        with torch.no_grad():
+            feats = embed(x)
+        logits = classifier(feats)
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+    return loss_sum / seen, 100 * correct / seen
+
+
+@torch.no_grad()
+def evaluate(classifier, batches, embed):
+    classifier.eval()
+    scores, labels = zip(*((classifier(embed(x)), y) for x, y in batches))
+    return topk_accuracy(torch.cat(scores), torch.cat(labels))
+
+
+def load_classifier(path, args, dim, num_classes):
+    """A classifier saved by this script, checked against the backbone and data it is about to be tested on."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        weights = saved["classifier"]
+    except Exception as e:
+        raise SystemExit(f"{path} is not a classifier saved by linear_eval.py ({type(e).__name__}): pass the "
+                         f"*_classifier.pt file written beside its --json.")
+    for what, trained, now in (("architecture", saved.get("arch"), args.arch), ("data set", saved.get("data"),
+                               args.data), ("number of classes", saved.get("num_classes"), num_classes),
+                               ("feature size", saved.get("feat_dim"), dim)):
+        if trained != now:
+            raise SystemExit(f"{path} was trained for {what} {trained}, but the backbone and data given have "
+                             f"{now}: pass the --ckpt and --data it was trained with.")
+    classifier = nn.Linear(dim, num_classes)
+    classifier.load_state_dict(weights)
+    return classifier
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p)
+    a = p.add_argument
+    a("--lr", type=float, default=30.0, help="SGD learning rate (momentum 0.9)")
+    a("--wd", type=float, default=0.0, help="weight decay")
+    a("--epochs", type=int, default=100)
+    a("--schedule", type=int, nargs="*", default=[60, 80], help="epochs at which the lr is multiplied by 0.1")
+    a("--cached", action="store_true", help="fast protocol: features extracted once (evaluation transform, no "
+                                            "augmentation), the classifier trained on them")
+    a("--evaluate", default=None, metavar="CLASSIFIER", help="only test a *_classifier.pt saved by this script")
+    a("--json", default=None, help="results file (required unless --evaluate); a trained classifier is saved beside "
+                                   "it")
+    args = p.parse_args(argv)
+    if args.evaluate is None and args.json is None:
+        raise SystemExit("pass --json OUT: the results and the trained classifier are written there.")
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
+        raise SystemExit("--epochs and --batch-size must be at least 1 and --lr positive.")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    start = time.time()
+    backbone, _, dim = load_model(args)
+    reference = {k: v.detach().clone() for k, v in backbone.state_dict().items()}  # as loaded from the checkpoint
+    device = pick_device(args.device)
+    backbone.requires_grad_(False).eval()  # eval mode from here on: BN uses, and keeps, its running statistics
+    backbone.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    train = data.load_data(args.data, "train", args.data_dir, args.subset, args.seed)
+    test = data.load_data(args.data, "test", args.data_dir, args.test_subset, args.seed)
+    protocol = "cached-features" if args.cached else "moco-linear"
+    name = f"{args.arch} ({'random init' if args.random_init else args.ckpt}), {args.data} at {args.img_size} px"
+
+    if args.evaluate:
+        classifier = load_classifier(args.evaluate, args, dim, train.num_classes).to(device)
+        top1, top5 = evaluate(classifier, data.eval_loader(test, args.img_size, args.batch_size, args.workers,
+                                                           device), backbone)
+        print(f"{name}: {args.evaluate} on {len(test)} test images: top-1 {top1:.2f}%"
+              + ("" if top5 is None else f", top-5 {top5:.2f}%"))
+        results = {"protocol": "evaluate", "classifier": args.evaluate,
+                   **settings(args, device, dim, train.num_classes), "n_test": len(test), "top1": top1, "top5": top5}
+        if args.json:
+            write_json(results, args.json)
+        return results
+
+    torch.manual_seed(args.seed)
+    classifier = nn.Linear(dim, train.num_classes).to(device)
+    nn.init.normal_(classifier.weight, 0, 0.01)
+    nn.init.zeros_(classifier.bias)
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
+    if args.cached:
+        feats = [extract_features(backbone, d, args.img_size, args.batch_size, device, args.workers)
+                 for d in (train, test)]
+        (train_x, train_y), (test_x, test_y) = [(x.to(device), y.to(device)) for x, y in feats]
+        embed = nn.Identity()
+
+        def train_batches(epoch):
+            for idx in epoch_order(len(train_y), args.batch_size, args.seed, epoch):
+                yield train_x[idx.to(device)], train_y[idx.to(device)]
+
+        def test_batches():
+            return zip(test_x.split(args.batch_size), test_y.split(args.batch_size))
+        print(f"{name}: protocol cached-features, a fast approximation (features extracted once, no training "
+              f"augmentation), not MoCo's linear protocol")
+    else:
+        images = None if train.images is None else train.images.to(device)
+        gen = torch.Generator().manual_seed(args.seed)
+        embed = backbone
+
+        def train_batches(epoch):
+            return augmented_batches(train, images, args, epoch, device, gen)
+
+        def test_batches():
+            return data.eval_loader(test, args.img_size, args.batch_size, args.workers, device)
+        print(f"{name}: protocol moco-linear (frozen backbone in eval mode, crop + flip training views)")
+
+    history = []
+    for epoch in range(args.epochs):
+        tick = time.time()
+        lr = args.lr * 0.1 ** sum(epoch >= m for m in args.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, train_top1 = train_epoch(classifier, optimizer, train_batches(epoch), embed)
+        top1, top5 = evaluate(classifier, test_batches(), embed)
+        history.append({"epoch": epoch + 1, "loss": loss, "train_top1": train_top1, "test_top1": top1,
+                        "test_top5": top5, "lr": lr, "seconds": time.time() - tick})
+        print(f"epoch {epoch + 1}/{args.epochs} loss {loss:.4f} train {train_top1:.2f}% test top-1 {top1:.2f}% "
+              f"lr {lr:g} {history[-1]['seconds']:.1f} s", flush=True)
+    check_backbone_unchanged(backbone, reference)
+
+    best = max(history, key=lambda h: h["test_top1"])
+    results = {"protocol": protocol, **settings(args, device, dim, train.num_classes), "n_train": len(train),
+               "n_test": len(test), "lr": args.lr, "wd": args.wd, "batch_size": args.batch_size,
+               "epochs": args.epochs, "schedule": args.schedule, "best_top1": best["test_top1"],
+               "best_top5": best["test_top5"], "best_epoch": best["epoch"], "last_top1": history[-1]["test_top1"],
+               "last_top5": history[-1]["test_top5"], "classifier": classifier_path(args.json), "history": history,
+               "seconds": time.time() - start}
+    write_json(results, args.json)
+    torch.save({"classifier": classifier.cpu().state_dict(), "arch": args.arch, "ckpt": args.ckpt,
+                "encoder": args.encoder, "data": args.data, "num_classes": train.num_classes, "feat_dim": dim,
+                "img_size": args.img_size, "protocol": protocol}, results["classifier"])
+    print(f"{protocol}: best top-1 {best['test_top1']:.2f}% (epoch {best['epoch']}), last top-1 "
+          f"{history[-1]['test_top1']:.2f}%; backbone unchanged; {results['seconds']:.0f} s; results in {args.json}, "
+          f"classifier in {results['classifier']}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import knn_eval
+import linear_eval
+import models
+from knn_eval import (alignment, best_nn_accuracies, instance_accuracy, intra_class_alignment, knn_predict,
+                      topk_accuracy, uniformity)
+from linear_eval import check_backbone_unchanged
+
+FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+# 200 synthetic training images (the bank / linear-eval training set), 100 test images, at 32 px
+SMALL = ["--data", "synthetic", "--subset", "200", "--test-subset", "100", "--batch-size", "64"]
+
+
+# ----- independent references: plain loops over numpy float64 ------------------------------------------------------
+
+def ranked(values, largest):
+    """Indices sorted by value (largest or smallest first), equal values by the lower index: the documented rule."""
+    return sorted(range(len(values)), key=lambda j: (-values[j] if largest else values[j], j))
+
+
+def knn_loop(query, bank, labels, num_classes, k, t):
+    query, bank = query.double().numpy(), bank.double().numpy()
+    scores = np.zeros((len(query), num_classes))
+    for i, q in enumerate(query):
+        sims = [float(np.dot(q, b)) for b in bank]
+        for j in ranked(sims, largest=True)[:k]:
+            scores[i, labels[j]] += math.exp(sims[j] / t)
+    return scores
+
+
+def majority_loop(query, bank, labels, k):
+    """Predicted class of each query: most votes among the k nearest (Euclidean); a tie goes to the tied class whose
+    first member in distance order comes first."""
+    preds = []
+    for q in query.double().numpy():
+        order = ranked([float(np.sum((q - b) ** 2)) for b in bank.double().numpy()], largest=False)[:k]
+        votes = [int(labels[j]) for j in order]
+        top = max(votes.count(c) for c in votes)
+        preds.append(next(c for c in votes if votes.count(c) == top))
+    return np.array(preds)
+
+
+def random_unit(n, d, seed):
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=1)
+
+
+# ----- weighted kNN ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [1, 5, 12, 30, 50])
+def test_knn_matches_brute_force_loop(k):
+    """Class sizes 4, 10 and 16, so k = 5 and 12 exceed a class and k = 50 exceeds the bank (clamped to 30)."""
+    query, bank = random_unit(40, 8, 0), random_unit(30, 8, 1)
+    labels = torch.tensor([0] * 4 + [1] * 10 + [2] * 16)[torch.randperm(30, generator=torch.Generator().manual_seed(2))]
+    scores = knn_predict(query, bank, labels, 3, k=k, t=0.07, chunk=7)
+    assert np.allclose(scores.numpy(), knn_loop(query, bank, labels, 3, min(k, 30), 0.07), rtol=1e-5, atol=0)
+
+
+def test_knn_ties_rank_the_lower_bank_index_first():
+    """Entries in {-1/2, 0, 1/2} make every similarity exact and many equal, also across the k-th place, where
+    torch.topk alone would choose among equal entries in an unspecified order."""
+    g = torch.Generator().manual_seed(0)
+    query = torch.randint(-1, 2, (60, 3), generator=g) / 2
+    bank = torch.randint(-1, 2, (80, 3), generator=g) / 2
+    labels = torch.randint(0, 6, (80,), generator=g)
+    for k in (1, 4, 9, 25):
+        scores = knn_predict(query, bank, labels, 6, k=k, t=0.5, chunk=16)
+        assert np.allclose(scores.numpy(), knn_loop(query, bank, labels, 6, k, 0.5), rtol=1e-6, atol=0), k
+
+
+def test_topk_accuracy_ties_and_top5():
+    scores = torch.tensor([[1.0, 1.0, 0.0], [0.0, 2.0, 2.0]])
+    assert topk_accuracy(scores, torch.tensor([0, 1])) == (100.0, None)  # equal scores: the lower class first
+    assert topk_accuracy(scores, torch.tensor([1, 2])) == (0.0, None)  # top-5 only with more than 5 classes
+    scores = torch.arange(7.0).repeat(4, 1)  # class 6 ranks first, class 1 sixth
+    assert topk_accuracy(scores, torch.tensor([6, 2, 1, 0])) == (25.0, 50.0)
+
+
+# ----- best-NN sweep ----------------------------------------------------------------------------------------------
+
+def test_best_nn_matches_majority_loop_with_ties():
+    """Small integer features: exact, often equal distances and often tied votes among 5 classes."""
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randint(-3, 4, (60, 2), generator=g).float()
+    query = torch.randint(-3, 4, (25, 2), generator=g).float()
+    bank_labels, labels = torch.randint(0, 5, (60,), generator=g), torch.randint(0, 5, (25,), generator=g)
+    by_k = best_nn_accuracies(query, labels, bank, bank_labels, 5, chunk=10)
+    assert list(by_k) == list(range(1, 60, 2))  # k up to the bank size
+    for k, acc in by_k.items():
+        assert acc == pytest.approx(100 * np.mean(majority_loop(query, bank, bank_labels, k) == labels.numpy())), k
+
+
+def test_best_nn_picks_the_right_k():
+    """Three queries of class 0, far apart, each with its own neighbourhood on a line (distances 1, 2, 3, ...):
+    A: 1, 1, 0, 0, 0, 1, 1, 1, ... right only at k = 5; B: 0, 0, 0, 0, 1, 1, 1, 1, 1, ... right for k <= 7;
+    C: 1, 0, 0, 1, 0, 1, 1, 1, ... right for k = 3 and 5. So 100% at k = 5 and at most 67% elsewhere."""
+    neighbourhoods = {0: [1, 1, 0, 0, 0] + [1] * 10, 1000: [0] * 4 + [1] * 11, 2000: [1, 0, 0, 1, 0] + [1] * 10}
+    bank, bank_labels = [], []
+    for offset, classes in neighbourhoods.items():
+        bank += [[offset + distance, 0.0] for distance in range(1, len(classes) + 1)]
+        bank_labels += classes
+    query = torch.tensor([[0.0, 0.0], [1000.0, 0.0], [2000.0, 0.0]])
+    by_k = best_nn_accuracies(query, torch.zeros(3, dtype=torch.long), torch.tensor(bank),
+                              torch.tensor(bank_labels), 2)
+    assert max(by_k, key=by_k.get) == 5 and by_k[5] == 100
+    assert by_k[1] == by_k[7] == pytest.approx(100 / 3) and by_k[3] == pytest.approx(200 / 3) and by_k[9] == 0
+
+
+# ----- over-clustering diagnostics --------------------------------------------------------------------------------
+
+@pytest.fixture
+def views():
+    """30 images of 3 classes (sizes 5, 10, 15), two views each: the second view a noisy copy of the first."""
+    z1 = random_unit(30, 5, 0)
+    z2 = F.normalize(z1 + 0.6 * torch.randn(30, 5, generator=torch.Generator().manual_seed(1)), dim=1)
+    labels = torch.tensor([0] * 5 + [1] * 10 + [2] * 15)[torch.randperm(30, generator=torch.Generator().manual_seed(3))]
+    return z1, z2, labels
+
+
+def test_alignment_against_numpy(views):
+    z1, z2, _ = (v.double().numpy() for v in views)
+    assert alignment(*views[:2]) == pytest.approx(np.mean([np.sum((a - b) ** 2) for a, b in zip(z1, z2)]), rel=1e-6)
+
+
+def test_uniformity_against_numpy(views):
+    z = views[0].double().numpy()
+    pairs = [math.exp(-2 * np.sum((z[i] - z[j]) ** 2)) for i in range(30) for j in range(30) if i != j]
+    assert uniformity(views[0], chunk=7) == pytest.approx(math.log(np.mean(pairs)), rel=1e-6)
+
+
+def test_intra_class_alignment_against_numpy(views):
+    z, labels = views[0].double().numpy(), views[2].numpy()
+    d2 = [np.sum((z[i] - z[j]) ** 2) for i in range(30) for j in range(30) if i != j and labels[i] == labels[j]]
+    assert intra_class_alignment(views[0], views[2], 3) == pytest.approx(np.mean(d2), rel=1e-6)
+
+
+def test_instance_accuracy_against_numpy(views):
+    z = np.concatenate([views[0].double().numpy(), views[1].double().numpy()])
+    hits = []
+    for a in range(60):
+        sims = [np.dot(z[a], z[b]) if b != a else -np.inf for b in range(60)]
+        hits.append(int(np.argmax(sims)) == (a + 30) % 60)
+    expected = 100 * np.mean(hits)
+    assert 0 < expected < 100  # both outcomes occur, so a wrong partner or a missed self-exclusion shows
+    assert instance_accuracy(views[0], views[1], chunk=7) == pytest.approx(expected)
+
+
+# ----- the linear-evaluation sanity check ---------------------------------------------------------------------------
+
+def test_sanity_check_catches_moved_bn_statistics():
+    torch.manual_seed(0)
+    backbone, _ = models.build_backbone("mobilenetv3_small")
+    reference = {k: v.clone() for k, v in backbone.state_dict().items()}
+    check_backbone_unchanged(backbone.eval(), reference)
+    bn = next(m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    for buffer in (bn.running_mean, bn.running_var, bn.num_batches_tracked):
+        buffer += 1
+        with pytest.raises(RuntimeError, match="changed 1 backbone tensors"):
+            check_backbone_unchanged(backbone, reference)
+        buffer -= 1
+    check_backbone_unchanged(backbone, reference)
+    with torch.no_grad():
+        backbone.train()(torch.randn(4, 3, 32, 32))  # the classic mistake: a forward pass in train mode
+    with pytest.raises(RuntimeError, match="running_mean"):
+        check_backbone_unchanged(backbone, reference)
+
+
+def test_knn_monitor_restores_the_mode_and_leaves_the_weights():
+    torch.manual_seed(0)
+    backbone, _ = models.build_backbone("mobilenetv3_small")
+    backbone.train()
+    backbone.features[1].eval()  # a mixed state must come back as it was
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    modes = [m.training for m in backbone.modules()]
+    train, test = (knn_eval.load_data("synthetic", s, subset="100") for s in ("train", "test"))
+    top1 = knn_eval.knn_monitor(backbone, train, test, 32, "cpu", k=20)
+    assert [m.training for m in backbone.modules()] == modes
+    check_backbone_unchanged(backbone, before)
+    bank, bank_labels = knn_eval.extract_features(backbone.eval(), train, 32)
+    query, labels = knn_eval.extract_features(backbone, test, 32)
+    scores = knn_loop(F.normalize(query, dim=1), F.normalize(bank, dim=1), bank_labels, 10, 20, 0.1)
+    assert top1 == pytest.approx(100 * np.mean(scores.argmax(1) == labels.numpy()))
+
+
+# ----- end to end on generated data -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint as pretrain.py writes it, with trained-looking weights: non-default BN statistics everywhere and
+    different query and key encoders."""
+    args = {"arch": "mobilenetv3_small", "small_stem": False, "data": "synthetic", "data_dir": None,
+            "subset": "200", "img_size": 32, "mlp_hidden": 64, "moco_dim": 16, "aug": "small", "seed": 0}
+    model = {}
+    for seed, prefix in ((1, "encoder_q"), (2, "encoder_k")):
+        torch.manual_seed(seed)
+        backbone, dim = models.build_backbone("mobilenetv3_small")
+        for m in backbone.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2)
+                m.num_batches_tracked += 7
+        head = models.build_head(dim, 64, 16)
+        for part, module in (("backbone", backbone), ("head", head)):
+            model.update({f"{prefix}.{part}.{k}": v for k, v in module.state_dict().items()})
+    model["queue"] = F.normalize(torch.randn(16, 32), dim=0)
+    model["queue_ptr"] = torch.zeros(1, dtype=torch.long)
+    path = tmp_path_factory.mktemp("run") / "checkpoint.pt"
+    torch.save({"args": args, "model": model, "optimizer": {}, "scaler": {}, "epoch": 3, "step": 30, "rng": [],
+                "version": 1}, path)
+    return str(path)
+
+
+def test_knn_eval_random_init_end_to_end(tmp_path):
+    out = tmp_path / "knn.json"
+    knn_eval.main(["--arch", "mobilenetv3_small", "--random-init", *SMALL, "--k", "20", "200", "--sweep",
+                   "--diagnostics", "--diag-per-class", "5", "--channels-last", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert (res["n_bank"], res["n_query"], res["feat_dim"], res["ckpt"], res["img_size"]) == (200, 100, 1024, None, 32)
+    assert [r["k"] for r in res["knn"]] == [20, 200] and all(0 <= r["top1"] <= r["top5"] <= 100 for r in res["knn"])
+    assert res["best_nn"]["top1"] == max(res["best_nn"]["by_k"].values())
+    diag = res["diagnostics"]
+    assert diag["n_images"] == 50 and diag["aug"] == "mocov2" and 0 <= diag["alignment"] <= 4
+    assert -4 <= diag["uniformity"] <= 0 and 0 <= diag["instance_accuracy"] <= 100
+
+
+def test_knn_eval_checkpoint_end_to_end(checkpoint, tmp_path):
+    res = knn_eval.main(["--ckpt", checkpoint, "--test-subset", "100", "--k", "20", "--diagnostics",
+                         "--diag-per-class", "5", "--json", str(tmp_path / "q.json")])
+    assert (res["subset"], res["n_bank"], res["img_size"], res["data"]) == ("200", 200, 32, "synthetic")  # stored
+    assert res["diagnostics"]["aug"] == "small"  # the checkpoint's pretraining views
+    key = knn_eval.main(["--ckpt", checkpoint, "--test-subset", "100", "--k", "20", "--encoder", "key"])
+    head = knn_eval.main(["--ckpt", checkpoint, "--test-subset", "100", "--k", "20", "--features", "head"])
+    assert head["feat_dim"] == 16 and key["encoder"] == "key"
+    assert key["knn"] != res["knn"] or head["knn"] != res["knn"]  # other weights, other features
+
+
+@pytest.mark.parametrize("flags, sentence", [
+    (["--arch", "resnet18"], "trained with --arch mobilenetv3_small"),
+    (["--small-stem"], "trained with the standard stem"),
+    (["--img-size", "28"], "trained with --img-size 32"),
+    (["--random-init", "--arch", "resnet18"], "either --ckpt"),
+])
+def test_knn_eval_rejects_flags_contradicting_the_checkpoint(checkpoint, flags, sentence):
+    with pytest.raises(SystemExit, match=sentence):
+        knn_eval.main(["--ckpt", checkpoint, *flags])
+
+
+@pytest.mark.parametrize("flags, sentence", [
+    ([], "needs --arch"), (["--arch", "resnet18", "--features", "head"], "no trained projection head"),
+    (["--arch", "resnet18", "--encoder", "key"], "single encoder"),
+])
+def test_knn_eval_random_init_flag_errors(flags, sentence):
+    with pytest.raises(SystemExit, match=sentence):
+        knn_eval.main(["--random-init", *flags])
+
+
+@pytest.mark.skipif(not os.path.exists(FMNIST), reason="Fashion-MNIST is not installed")
+def test_knn_eval_transfer_to_another_data_set(checkpoint, capsys):
+    res = knn_eval.main(["--ckpt", checkpoint, "--data", "fashionmnist", "--subset", "100", "--test-subset", "50"])
+    assert (res["data"], res["pretrain_data"], res["img_size"], res["n_bank"]) == ("fashionmnist", "synthetic", 32, 100)
+    assert "transfer evaluation" in capsys.readouterr().out
+
+
+def test_linear_eval_checkpoint_end_to_end(checkpoint, tmp_path):
+    """Two epochs (lr 30, then 3); main() runs the sanity check against the loaded weights and would raise if the
+    backbone moved. The saved classifier reproduces the last test accuracy."""
+    out = tmp_path / "linear.json"
+    res = linear_eval.main(["--ckpt", checkpoint, "--test-subset", "100", "--epochs", "2", "--schedule", "1",
+                            "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    assert res["protocol"] == "moco-linear" and res["n_train"] == 200 and [h["lr"] for h in res["history"]] == [30, 3]
+    assert res["best_top1"] == max(h["test_top1"] for h in res["history"]) >= res["last_top1"]
+    assert res["classifier"] == str(tmp_path / "linear_classifier.pt")
+    again = linear_eval.main(["--ckpt", checkpoint, "--test-subset", "100", "--evaluate", res["classifier"]])
+    assert (again["top1"], again["top5"]) == (res["last_top1"], res["last_top5"])
+
+
+def test_linear_eval_random_init_cached_end_to_end(tmp_path):
+    res = linear_eval.main(["--arch", "mobilenetv3_small", "--random-init", *SMALL, "--epochs", "2", "--cached",
+                            "--json", str(tmp_path / "cached.json")])
+    assert res["protocol"] == "cached-features" and len(res["history"]) == 2 and res["ckpt"] is None
+    assert os.path.exists(tmp_path / "cached_classifier.pt")
+
+
+def test_linear_eval_rejects_a_classifier_that_does_not_fit(checkpoint, tmp_path):
+    path = tmp_path / "other_classifier.pt"
+    torch.save({"classifier": torch.nn.Linear(1024, 7).state_dict(), "arch": "mobilenetv3_small",
+                "data": "synthetic", "num_classes": 7, "feat_dim": 1024}, path)
+    with pytest.raises(SystemExit, match="number of classes 7"):
+        linear_eval.main(["--ckpt", checkpoint, "--test-subset", "100", "--evaluate", str(path)])
+    with pytest.raises(SystemExit, match="pass --json OUT"):
+        linear_eval.main(["--ckpt", checkpoint])
