@@ -1,4 +1,4 @@
-"""Backbones and projection head for MoCo-v2 (SPEC section 5).
+"""Backbones, projection head and the MoCo module (SPEC sections 2 and 5).
 
 Every architecture is written out here as a table of stages or blocks that can be read against its paper. A backbone
 maps images [B, 3, H, W] to pooled features [B, d]. Its parameter and buffer names equal those of torchvision's
@@ -6,10 +6,14 @@ reference model minus the final classification Linear, so weights move both ways
 two downsamplings (total stride 8 instead of 32) for 28-32 px images; ResNet loses the 7x7 conv and the max-pool,
 MobileNetV3 / EfficientNet only change strides.
 """
+import copy
 import os
+from collections import OrderedDict
 from functools import partial
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenetv3_large", "mobilenetv3_small", "efficientnet_b0")
@@ -303,3 +307,119 @@ def load_pretrained(path, encoder="query"):
             raise SystemExit(f"{path}: the {part} weights under '{start}' do not fit architecture '{args['arch']}' "
                              f"(small_stem={args.get('small_stem', False)}) named in its args: {detail}") from err
     return backbone.eval(), head.eval(), feat_dim, args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MoCo: query encoder, momentum key encoder, queue of negatives (SPEC section 2)
+# ---------------------------------------------------------------------------------------------------------------
+
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm over `num_splits` groups of the batch (sample i in group i % num_splits) in training: emulates
+    the per-GPU BN of a multi-GPU run on one device, so shuffled keys can't share statistics with their queries.
+    State-dict keys are BatchNorm2d's, so a backbone with plain BN loads the weights."""
+
+    def __init__(self, num_features, num_splits, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.num_splits = num_splits
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        s = self.num_splits
+        if n % s:
+            raise ValueError(f"batch of {n} does not split into {s} BN groups")
+        mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
+        # reshape, not view: channels_last inputs are not contiguous in this layout
+        out = F.batch_norm(x.reshape(n // s, c * s, h, w), mean, var, self.weight.repeat(s), self.bias.repeat(s),
+                           True, self.momentum, self.eps).reshape(n, c, h, w)
+        self.running_mean.copy_(mean.view(s, c).mean(0))
+        self.running_var.copy_(var.view(s, c).mean(0))
+        self.num_batches_tracked.add_(1)
+        return out
+
+
+def split_batchnorm(module, num_splits):
+    """Replace every BatchNorm2d in `module` by a SplitBatchNorm2d with the same settings and state."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            split = SplitBatchNorm2d(child.num_features, num_splits, eps=child.eps, momentum=child.momentum)
+            split.load_state_dict(child.state_dict())
+            setattr(module, name, split)
+        else:
+            split_batchnorm(child, num_splits)
+    return module
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+@torch.no_grad()
+def concat_all_gather(x):
+    """Concatenate x from all ranks along the batch (rank order); x itself on one process."""
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class MoCo(nn.Module):
+    def __init__(self, arch, small_stem=False, dim=128, mlp_hidden=0, queue_size=65536, bn_splits=1,
+                 symmetric=False):
+        super().__init__()
+        backbone, feat_dim = build_backbone(arch, small_stem)
+        if bn_splits > 1:
+            split_batchnorm(backbone, bn_splits)
+        self.symmetric = symmetric
+        self.encoder_q = nn.Sequential(OrderedDict(backbone=backbone,
+                                                   head=build_head(feat_dim, mlp_hidden or feat_dim, dim)))
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        for p in self.encoder_k.parameters():
+            p.requires_grad = False
+        self.register_buffer("queue", F.normalize(torch.randn(dim, queue_size), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def momentum_update(self, m):
+        """theta_k <- m theta_k + (1 - m) theta_q (parameters only; each encoder keeps its own BN statistics)."""
+        k_params = list(self.encoder_k.parameters())
+        torch._foreach_mul_(k_params, m)
+        torch._foreach_add_(k_params, [p.detach() for p in self.encoder_q.parameters()], alpha=1 - m)
+
+    @torch.no_grad()
+    def enqueue(self, keys):
+        """Replace the oldest queue entries by `keys` [N, dim] (already gathered from all ranks), wrapping around."""
+        size = self.queue.shape[1]
+        idx = (self.queue_ptr + torch.arange(len(keys), device=keys.device)) % size
+        self.queue[:, idx] = keys.T.to(self.queue.dtype)
+        self.queue_ptr[0] = (self.queue_ptr[0] + len(keys)) % size
+
+    @torch.no_grad()
+    def key_embed(self, x):
+        """Key embeddings of x with shuffle BN: the batch is permuted (across all ranks under DDP) before the key
+        encoder and restored after, so BN statistics can't reveal which key belongs to which query."""
+        x_all = concat_all_gather(x)
+        perm = torch.randperm(len(x_all), device=x.device)
+        if is_distributed():
+            dist.broadcast(perm, src=0)  # every rank must use rank 0's permutation
+            rank = dist.get_rank()
+        else:
+            rank = 0
+        mine = perm.view(-1, len(x))[rank]  # the samples this rank encodes
+        k = F.normalize(self.encoder_k(x_all[mine]), dim=1)
+        k_all = torch.empty(len(x_all), k.shape[1], dtype=k.dtype, device=k.device)
+        k_all[perm] = concat_all_gather(k)  # undo the shuffle
+        return k_all.view(-1, len(x), k.shape[1])[rank]
+
+    def forward(self, x1, x2, m, both_queries=False):
+        """Query embeddings of x1 (and of x2 when symmetric or asked), key embeddings of x2 (and of x1 when
+        symmetric). The key encoder moves one momentum step first, as in MoCo."""
+        q1 = F.normalize(self.encoder_q(x1), dim=1)
+        q2 = F.normalize(self.encoder_q(x2), dim=1) if self.symmetric or both_queries else None
+        with torch.no_grad():
+            self.momentum_update(m)
+            k2 = self.key_embed(x2)
+            k1 = self.key_embed(x1) if self.symmetric else None
+        return q1, q2, k1, k2

@@ -1,0 +1,377 @@
+"""Pretrain a small CNN with MoCo-v2 and the softened InfoNCE (SPEC sections 2-4, 6).
+
+One process (CPU or one GPU):  python pretrain.py --arch mobilenetv3_small --moco-k 4096 --out runs/mnv3s
+Several GPUs / nodes:          torchrun --standalone --nproc_per_node=8 pretrain.py ...
+
+The defaults are the MoCo-v2 baseline recipe; run_all.sh spells out the small-model recipe as flags. OUT holds
+checkpoint.pt (written atomically every epoch), log.jsonl, and summary.json once the run is complete.
+"""
+import argparse
+import json
+import math
+import os
+import resource
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+from knn_eval import knn_monitor
+from losses import SMOOTH_MODES, SMOOTH_SCHEDULES, contrastive_accuracy, distill_loss, smooth_eps, soft_info_nce
+from models import ARCHS, MoCo, concat_all_gather, load_pretrained
+
+# flags that may change when a run is resumed; every other flag must equal the checkpoint's
+RUN_CONTROL = {"out", "resume", "data_dir", "workers", "device", "max_steps", "knn_every", "knn_subset",
+               "log_every", "compile"}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--arch", default="resnet18", choices=ARCHS)
+    a("--small-stem", action="store_true", help="stem for 28-64 px inputs (total stride 8)")
+    a("--mlp-hidden", type=int, default=0, help="hidden width of the projection head; 0 = feature size (MoCo-v2)")
+    a("--moco-dim", type=int, default=128, help="embedding size")
+    a("--moco-k", type=int, default=65536, help="queue size K (must stay well below the number of images)")
+    a("--moco-m", type=float, default=0.999, help="key-encoder momentum")
+    a("--moco-m-cos", action="store_true", help="ramp the momentum from --moco-m to 1 with a cosine")
+    a("--moco-t", type=float, default=0.2, help="temperature tau")
+    a("--symmetric", action="store_true", help="loss L(q1, k2) + L(q2, k1)")
+    a("--bn-splits", type=int, default=1, help="split BN into this many groups of the per-process batch")
+    a("--smooth", type=float, default=0.0, help="eps of the softened InfoNCE; 0 = plain InfoNCE")
+    a("--smooth-k", type=int, default=10, help="number of queue neighbours that share eps")
+    a("--smooth-mode", default="topk", choices=SMOOTH_MODES)
+    a("--smooth-schedule", default="constant", choices=SMOOTH_SCHEDULES,
+      help="constant eps, 0 during the lr warm-up, or a cosine ramp")
+    a("--data", default="fashionmnist", choices=data.DATASETS)
+    a("--data-dir", default=None)
+    a("--subset", default=None, help="'N' (first N images) or 'N/class' (N per class, seeded)")
+    a("--img-size", type=int, default=0, help="0 = the data set's native size")
+    a("--aug", default="mocov2", choices=data.AUGS)
+    a("--aug-backend", default="torchvision", choices=("torchvision", "batched"),
+      help="per-image transforms in DataLoader workers, or per-sample parameters on whole batches on the device")
+    a("--workers", type=int, default=4, help="DataLoader workers (torchvision backend)")
+    a("--epochs", type=int, default=200)
+    a("--batch-size", type=int, default=256, help="global batch over all processes")
+    a("--lr", type=float, default=0.03)
+    a("--wd", type=float, default=1e-4)
+    a("--warmup-epochs", type=float, default=0.0, help="linear lr warm-up, then cosine decay to 0")
+    a("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0 = all epochs)")
+    a("--teacher", default=None, help="checkpoint.pt of a frozen teacher: adds DisCo distillation")
+    a("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="auto: bf16 (or fp16) on CUDA, off on CPU")
+    a("--channels-last", action="store_true")
+    a("--compile", action="store_true", help="torch.compile the encoders")
+    a("--device", default="auto", help="auto, cpu, cuda")
+    a("--seed", type=int, default=0)
+    a("--knn-every", type=int, default=0, help="weighted-kNN monitor on the eval split every N epochs (0 = off)")
+    a("--knn-subset", default=None, help="subset of the bank and of the queries for the kNN monitor")
+    a("--log-every", type=int, default=50)
+    a("--out", default="runs/pretrain")
+    a("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists")
+    return p.parse_args(argv)
+
+
+def lr_at(step, total_steps, warmup_steps, base_lr):
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    return base_lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+
+
+def momentum_at(step, total_steps, m, cosine):
+    return 1 - (1 - m) * (1 + math.cos(math.pi * step / total_steps)) / 2 if cosine else m
+
+
+def read_checkpoint(path):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated or "
+                         f"corrupt: move it away or choose another --out.")
+    if not isinstance(ckpt, dict) or not {"args", "model", "optimizer", "step"} <= ckpt.keys():
+        raise SystemExit(f"{path} is not a pretrain.py checkpoint: move it away or choose another --out.")
+    return ckpt
+
+
+def resume_args(args, saved):
+    for key, value in vars(args).items():
+        if key not in RUN_CONTROL and saved.get(key, value) != value and not (key == "img_size" and value == 0):
+            flag = "--" + key.replace("_", "-")
+            raise SystemExit(f"{args.out} holds a run trained with {flag} {saved[key]}, not {value}: rerun with "
+                             f"the same flags to resume it, or choose another --out.")
+    return argparse.Namespace(**{**vars(args), **saved, **{k: getattr(args, k) for k in RUN_CONTROL}})
+
+
+def check_setup(args, num_images, world):
+    keys_per_step = args.batch_size * (2 if args.symmetric else 1)
+    problems = [
+        (args.batch_size % world, f"--batch-size {args.batch_size} is not divisible by the {world} processes"),
+        (args.batch_size > num_images, f"--batch-size {args.batch_size} exceeds the {num_images} training images"),
+        (args.moco_k >= num_images, f"--moco-k {args.moco_k} is not smaller than the {num_images} training "
+                                    f"images, so the queue would hold stale copies of each query's own image; "
+                                    f"use e.g. --moco-k 4096 on data sets of this size"),
+        (args.moco_k < keys_per_step, f"--moco-k {args.moco_k} is smaller than the {keys_per_step} keys "
+                                      f"enqueued per step; raise --moco-k or lower --batch-size"),
+        ((args.batch_size // world) % args.bn_splits, f"--bn-splits {args.bn_splits} does not divide the "
+                                                       f"per-process batch of {args.batch_size // world}"),
+        (args.smooth_mode == "tiered" and args.smooth_k < 3, "--smooth-mode tiered needs --smooth-k 3 or more"),
+        (not 0 <= args.smooth < 1, f"--smooth {args.smooth} must lie in [0, 1)"),
+        (args.warmup_epochs >= args.epochs, f"--warmup-epochs {args.warmup_epochs} must be below --epochs"),
+    ]
+    for failed, sentence in problems:
+        if failed:
+            raise SystemExit(sentence + ".")
+
+
+def epoch_batches(train, args, epoch, start, rank, world, device, transform, aug_gen):
+    """The rank's (view1, view2) batches of one epoch from step `start` on. The image order depends only on
+    (seed, epoch), so every rank cuts the same permutation and a resumed run sees the same batches."""
+    local = args.batch_size // world
+    steps = len(train) // args.batch_size
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed + epoch))
+    order = order[:steps * args.batch_size].view(steps, world, local)[start:, rank]
+    if args.aug_backend == "batched":
+        for idx in order:
+            x = train.images[idx.to(train.images.device)]
+            yield transform(x, aug_gen), transform(x, aug_gen)
+        return
+    loader = torch.utils.data.DataLoader(
+        data.TwoViewDataset(train, transform), batch_size=local, sampler=order.flatten().tolist(),
+        num_workers=args.workers, pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(args.seed * 1000 + epoch * world + rank))
+    for x1, x2, _ in loader:
+        yield x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+
+
+def check_finite(loss_sum, step, out):
+    if not math.isfinite(loss_sum):
+        raise SystemExit(f"the loss became {loss_sum} before step {step}; stopped without saving, so the last "
+                         f"good checkpoint in {out} is kept: lower --lr, or use --amp off.")
+
+
+def save_atomic(obj, path):
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a kill during the write leaves the previous file intact
+
+
+def rng_states(aug_gen):
+    """RNG states of every rank (shuffle BN, stochastic depth, augmentation), for an exact resume."""
+    state = {"torch": torch.get_rng_state(), "aug": aug_gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def main(argv=None):
+    args = get_args(argv)
+    ddp = "RANK" in os.environ  # started by torchrun
+    if ddp:
+        use_cuda = torch.cuda.is_available() and args.device != "cpu"
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+        device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                              else args.device)
+    master = rank == 0
+
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    ckpt = None
+    if os.path.exists(ckpt_path):
+        if not args.resume:
+            raise SystemExit(f"{ckpt_path} already exists: pass --resume to continue that run, or choose "
+                             f"another --out.")
+        ckpt = read_checkpoint(ckpt_path)
+        args = resume_args(args, ckpt["args"])
+
+    train = data.load_data(args.data, "pretrain", args.data_dir, args.subset, args.seed)
+    args.img_size = args.img_size or data.default_img_size(args.data)
+    check_setup(args, len(train), world)
+    if args.aug_backend == "batched":
+        if train.images is None:
+            raise SystemExit(f"--aug-backend batched needs an in-memory data set, and {args.data} is read from "
+                             f"image files: use --aug-backend torchvision.")
+        train.images = train.images.to(device)
+        transform = data.BatchedAugment(args.aug, args.img_size, train.mean, train.std)
+    else:
+        transform = data.view_transform(args.aug, args.img_size, train.mean, train.std)
+
+    torch.manual_seed(args.seed + rank)
+    aug_gen = torch.Generator(device=device).manual_seed(args.seed + rank)
+    raw = MoCo(args.arch, args.small_stem, args.moco_dim, args.mlp_hidden, args.moco_k, args.bn_splits,
+               args.symmetric)
+    optimizer = torch.optim.SGD(raw.encoder_q.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
+    if device.type == "cuda" and args.amp != "off":
+        fp16 = args.amp == "fp16" or (args.amp == "auto" and not torch.cuda.is_bf16_supported())
+        amp_dtype = torch.float16 if fp16 else torch.bfloat16
+    elif args.amp in ("bf16", "fp16"):
+        raise SystemExit(f"--amp {args.amp} needs a CUDA device; on {device} use --amp auto or off.")
+    else:
+        amp_dtype = None
+    scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+
+    step = 0
+    if ckpt is not None:
+        try:
+            raw.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise SystemExit(f"{ckpt_path} does not fit this model ({str(e).splitlines()[0]}): move it away or "
+                             f"choose another --out.")
+        scaler.load_state_dict(ckpt["scaler"])
+        step = ckpt["step"]
+        if len(ckpt["rng"]) == world:  # the same number of processes: continue every random stream exactly
+            torch.set_rng_state(ckpt["rng"][rank]["torch"])
+            aug_gen.set_state(ckpt["rng"][rank]["aug"])
+            if "cuda" in ckpt["rng"][rank] and device.type == "cuda":
+                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+    raw.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    if args.compile:
+        raw.encoder_q.compile()
+        raw.encoder_k.compile()
+    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
+
+    teacher = None
+    if args.teacher:
+        t_backbone, t_head, _, t_args = load_pretrained(args.teacher)
+        if t_args.get("moco_dim", 128) != args.moco_dim:
+            raise SystemExit(f"the teacher {args.teacher} embeds in {t_args['moco_dim']} dimensions, the student "
+                             f"in {args.moco_dim}: pass --moco-dim {t_args['moco_dim']}.")
+        teacher = torch.nn.Sequential(t_backbone, t_head).to(device).eval().requires_grad_(False)
+
+    knn_sets = None
+    if args.knn_every and master:
+        knn_sets = [data.load_data(args.data, split, args.data_dir, args.knn_subset, args.seed)
+                    for split in ("train", "test")]
+
+    steps_per_epoch = len(train) // args.batch_size
+    total_steps = args.epochs * steps_per_epoch
+    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    log_path = os.path.join(args.out, "log.jsonl")
+    if master:
+        os.makedirs(args.out, exist_ok=True)
+        if ckpt is None:
+            open(log_path, "w").close()
+        else:  # drop what a killed run logged after its last checkpoint
+            with open(log_path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= step]
+            with open(log_path, "w") as f:
+                f.writelines(kept)
+        n_params = sum(p.numel() for p in raw.encoder_q.backbone.parameters())
+        print(f"{args.arch}: {n_params:,} backbone parameters; {len(train)} images, {steps_per_epoch} steps/epoch "
+              f"x {args.epochs} epochs on {world} x {device}" + (f", resuming at step {step}" if step else ""))
+
+    def log(record):
+        if master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def knn(epoch):
+        if knn_sets is not None:
+            top1 = knn_monitor(raw.encoder_q.backbone, *knn_sets, args.img_size, device)
+            log({"epoch": epoch, "step": step, "knn_top1": top1})
+            print(f"epoch {epoch}: kNN top-1 {top1:.2f}%")
+            return top1
+
+    if step >= last_step:
+        if master:
+            print(f"{args.out} is complete ({step} steps); nothing to do.")
+        return raw
+    knn_top1 = knn(0) if step == 0 else None
+    start_time = t0 = time.time()
+    paused = 0.0
+    run_loss, interval_steps, images_seen = torch.zeros((), device=device), 0, 0
+    while step < last_step:
+        epoch = step // steps_per_epoch
+        for x1, x2 in epoch_batches(train, args, epoch, step % steps_per_epoch, rank, world, device, transform,
+                                    aug_gen):
+            if args.channels_last:
+                x1, x2 = x1.contiguous(memory_format=torch.channels_last), x2.contiguous(
+                    memory_format=torch.channels_last)
+            lr = lr_at(step, total_steps, warmup_steps, args.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            eps = smooth_eps(args.smooth, args.smooth_schedule, step, total_steps, warmup_steps)
+            with autocast:
+                q1, q2, k1, k2 = model(x1, x2, momentum_at(step, total_steps, args.moco_m, args.moco_m_cos),
+                                       both_queries=teacher is not None)
+                if teacher is not None:
+                    with torch.no_grad():
+                        t1, t2 = teacher(x1).float(), teacher(x2).float()
+            q1, k2 = q1.float(), k2.float()  # the loss in fp32: logits / tau over K entries need the precision
+            loss = soft_info_nce(q1, k2, raw.queue, args.moco_t, eps, args.smooth_k, args.smooth_mode)
+            if args.symmetric:
+                loss = loss + soft_info_nce(q2.float(), k1.float(), raw.queue, args.moco_t, eps, args.smooth_k,
+                                            args.smooth_mode)
+            if teacher is not None:
+                loss = loss + distill_loss(q1, t1) + distill_loss(q2.float(), t2)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            log_now = (step + 1) % args.log_every == 0 or step + 1 == last_step
+            if log_now:
+                acc = contrastive_accuracy(q1.detach(), k2, raw.queue)  # before this batch's keys join the queue
+            # the queue changes only after the loss used it; keys from every rank, in rank order
+            raw.enqueue(concat_all_gather(torch.cat([k2, k1]) if args.symmetric else k2))
+            step += 1
+            interval_steps += 1
+            images_seen += args.batch_size
+            run_loss += loss.detach()
+            if log_now:
+                mean_loss = run_loss.item() / interval_steps
+                check_finite(mean_loss, step, args.out)
+                dt = time.time() - t0
+                speed = interval_steps * args.batch_size / dt
+                eta = (last_step - step) * dt / interval_steps
+                log({"epoch": epoch, "step": step, "loss": mean_loss, "acc": acc, "lr": lr, "eps": eps,
+                     "img_per_s": speed})
+                if master:
+                    print(f"epoch {epoch + 1}/{args.epochs} step {step}/{last_step} loss {mean_loss:.4f} "
+                          f"acc {acc:5.1f}% lr {lr:.4f} eps {eps:.3f} {speed:6.0f} img/s "
+                          f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+                run_loss.zero_()
+                interval_steps, t0 = 0, time.time()
+            if step == last_step:
+                break
+        pause = time.time()
+        check_finite(run_loss.item(), step, args.out)
+        if step % steps_per_epoch == 0 and knn_sets is not None and (step // steps_per_epoch) % args.knn_every == 0:
+            knn_top1 = knn(step // steps_per_epoch)
+        states = rng_states(aug_gen)
+        if master:
+            save_atomic({"args": vars(args), "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "epoch": step // steps_per_epoch, "step": step,
+                         "rng": states, "version": 1}, ckpt_path)
+        paused += time.time() - pause  # checkpoints and kNN do not count towards images/s
+        t0 += time.time() - pause
+
+    wall = time.time() - start_time
+    if master:
+        peak_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        summary = {"arch": args.arch, "backbone_params": sum(p.numel() for p in raw.encoder_q.backbone.parameters()),
+                   "epochs": step / steps_per_epoch, "steps": step, "images_per_s": images_seen / (wall - paused),
+                   "peak_memory_mb": peak_mb, "wall_s": wall, "knn_top1": knn_top1, "world_size": world,
+                   "device": str(device), "args": vars(args)}
+        with open(os.path.join(args.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(f"done: {step} steps in {wall:.0f} s; summary in {os.path.join(args.out, 'summary.json')}")
+    return raw
+
+
+if __name__ == "__main__":
+    main()
+    if dist.is_initialized():
+        dist.destroy_process_group()

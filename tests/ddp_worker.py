@@ -1,0 +1,26 @@
+"""Run by test_pretrain under torchrun: trains with pretrain.main on every rank, then checks that all ranks hold
+the same weights (both encoders) and queue, and writes the verdict to the JSON file named first. BN running
+statistics are not compared: DDP broadcasts rank 0's buffers at the start of each forward, so after the last step
+each rank still holds the statistics of its own last batch."""
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import pretrain  # noqa: E402
+
+result_path, argv = sys.argv[1], sys.argv[2:]
+model = pretrain.main(argv)
+state = {k: v.detach().cpu() for k, v in model.named_parameters()}
+state.update(queue=model.queue.cpu(), queue_ptr=model.queue_ptr.cpu())
+states = [None] * dist.get_world_size()
+dist.all_gather_object(states, state)
+if dist.get_rank() == 0:
+    different = [k for k in state if not all(torch.equal(s[k], state[k]) for s in states)]
+    with open(result_path, "w") as f:
+        json.dump({"identical": not different, "different": different[:10],
+                   "queue_ptr": state["queue_ptr"].item()}, f)
+dist.destroy_process_group()

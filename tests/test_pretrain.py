@@ -1,0 +1,199 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pretrain
+from models import MoCo, SplitBatchNorm2d, split_batchnorm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+
+# 64 synthetic images, batch 16: 4 steps per epoch; a queue of 32 keys
+TINY = ["--arch", "mobilenetv3_small", "--data", "synthetic", "--subset", "64", "--img-size", "32",
+        "--batch-size", "16", "--moco-k", "32", "--moco-m", "0.9", "--moco-t", "0.1", "--lr", "0.05",
+        "--epochs", "2", "--workers", "0", "--channels-last", "--log-every", "2"]
+
+
+def tiny_moco(**kwargs):
+    torch.manual_seed(0)
+    return MoCo("mobilenetv3_small", dim=16, mlp_hidden=32, queue_size=10, **kwargs)
+
+
+# ----- the MoCo module -------------------------------------------------------------------------------------
+
+def test_enqueue_wraps_around_and_moves_the_pointer():
+    model = tiny_moco()
+    keys = [F.normalize(torch.randn(4, 16), dim=1) for _ in range(3)]
+    model.enqueue(keys[0])
+    model.enqueue(keys[1])
+    assert torch.equal(model.queue[:, :8], torch.cat(keys[:2]).T) and model.queue_ptr.item() == 8
+    before = model.queue.clone()
+    model.enqueue(keys[2])  # 4 keys into slots 8, 9, 0, 1
+    assert torch.equal(model.queue[:, [8, 9, 0, 1]], keys[2].T)
+    assert torch.equal(model.queue[:, 2:8], before[:, 2:8])
+    assert model.queue_ptr.item() == 2
+
+
+def test_momentum_update_is_the_ema_of_the_query_weights():
+    model = tiny_moco()
+    with torch.no_grad():
+        for p in model.encoder_q.parameters():
+            p.add_(torch.randn_like(p))
+    q = [p.clone() for p in model.encoder_q.parameters()]
+    k = [p.clone() for p in model.encoder_k.parameters()]
+    model.momentum_update(0.9)
+    for pk, pk0, pq in zip(model.encoder_k.parameters(), k, q):
+        assert torch.allclose(pk, 0.9 * pk0 + 0.1 * pq, rtol=0, atol=1e-6)
+    assert not torch.equal(k[0], q[0])  # the test would be empty if both encoders were equal
+
+
+def test_no_gradient_reaches_the_key_encoder():
+    model = tiny_moco(symmetric=True)
+    x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    q1, q2, k1, k2 = model(x1, x2, 0.99)
+    assert not k1.requires_grad and not k2.requires_grad
+    ((q1 * k2).sum() + (q2 * k1).sum() + (q1 @ model.queue).sum()).backward()
+    assert all(p.grad is None for p in model.encoder_k.parameters())
+    assert all(p.grad is not None for p in model.encoder_q.parameters())
+
+
+def test_keys_are_unshuffled_after_shuffle_bn():
+    """With the key encoder in eval mode the shuffle must be invisible: keys equal a plain forward."""
+    model = tiny_moco(bn_splits=2)
+    model.encoder_k.eval()
+    x = torch.randn(8, 3, 32, 32)
+    expected = F.normalize(model.encoder_k(x), dim=1)
+    assert torch.allclose(model.key_embed(x), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_split_bn_equals_separate_bn_over_the_sub_batches(channels_last):
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(5, momentum=0.1)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    split = split_batchnorm(nn.Sequential(bn), 4)[0]
+    assert isinstance(split, SplitBatchNorm2d)
+    x = torch.randn(12, 5, 3, 3) * 3 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = split(x)
+    groups = [torch.arange(12)[i::4] for i in range(4)]  # sample i belongs to group i % 4
+    means, vars_ = [], []
+    for idx in groups:
+        ref = nn.BatchNorm2d(5, momentum=0.1)
+        ref.load_state_dict(bn.state_dict())
+        assert torch.allclose(out[idx], ref(x[idx]), atol=1e-5)
+        means.append(ref.running_mean)
+        vars_.append(ref.running_var)
+    assert torch.allclose(split.running_mean, torch.stack(means).mean(0), atol=1e-6)
+    assert torch.allclose(split.running_var, torch.stack(vars_).mean(0), atol=1e-6)
+    assert split.num_batches_tracked.item() == 1
+    split.eval()
+    assert torch.allclose(split(x), F.batch_norm(x, split.running_mean, split.running_var, split.weight,
+                                                 split.bias, False, 0.0, split.eps), atol=1e-6)
+
+
+# ----- pretrain.py ------------------------------------------------------------------------------------------
+
+def run(tmp_path, *extra, name="run"):
+    out = str(tmp_path / name)
+    model = pretrain.main(TINY + ["--out", out] + list(extra))
+    return out, model
+
+
+@pytest.mark.parametrize("backend", ["batched", "torchvision"])
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, backend):
+    flags = ["--aug-backend", backend, "--bn-splits", "2", "--symmetric", "--smooth", "0.1", "--smooth-k", "3"]
+    _, full = run(tmp_path, *flags, name="full")
+    _, part = run(tmp_path, *flags, "--max-steps", "4", name="part")  # killed after epoch 1
+    assert not torch.equal(part.queue, full.queue)
+    out, resumed = run(tmp_path, *flags, "--resume", name="part")
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [r["step"] for r in log if "loss" in r] == [2, 4, 6, 8]
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["steps"] == 8 and summary["backbone_params"] == 1_517_856
+
+
+def test_run_writes_checkpoint_log_and_summary(tmp_path):
+    out, model = run(tmp_path, "--aug-backend", "batched", "--knn-every", "1", "--knn-subset", "40")
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert ckpt["step"] == 8 and ckpt["epoch"] == 2 and ckpt["args"]["arch"] == "mobilenetv3_small"
+    assert torch.equal(ckpt["model"]["queue"], model.queue)
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [r["epoch"] for r in log if "knn_top1" in r] == [0, 1, 2]
+    assert all({"loss", "acc", "lr", "eps", "img_per_s"} <= r.keys() for r in log if "knn_top1" not in r)
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["knn_top1"] == log[-1]["knn_top1"] and summary["images_per_s"] > 0
+
+
+def test_bad_inputs_end_with_one_sentence_and_keep_the_checkpoint(tmp_path):
+    out, _ = run(tmp_path, "--aug-backend", "batched", "--max-steps", "2")
+    ckpt = os.path.join(out, "checkpoint.pt")
+    original = open(ckpt, "rb").read()
+    with pytest.raises(SystemExit, match="already exists: pass --resume"):
+        run(tmp_path, "--aug-backend", "batched")
+    with pytest.raises(SystemExit, match="trained with --arch mobilenetv3_small, not resnet18"):
+        pretrain.main(TINY + ["--out", out, "--resume", "--arch", "resnet18"])
+    assert open(ckpt, "rb").read() == original
+    with open(ckpt, "wb") as f:
+        f.write(original[: len(original) // 2])
+    with pytest.raises(SystemExit, match="not a readable checkpoint"):
+        run(tmp_path, "--aug-backend", "batched", "--resume")
+    assert open(ckpt, "rb").read() == original[: len(original) // 2]
+    with pytest.raises(SystemExit, match="--moco-k 64 is not smaller than the 64 training images"):
+        run(tmp_path, "--moco-k", "64", name="k")
+    with pytest.raises(SystemExit, match="--moco-k 24 is smaller than the 32 keys enqueued per step"):
+        run(tmp_path, "--moco-k", "24", "--symmetric", name="k")
+    with pytest.raises(SystemExit, match="--bn-splits 3 does not divide"):
+        run(tmp_path, "--bn-splits", "3", name="k")
+    with pytest.raises(SystemExit, match="--amp bf16 needs a CUDA device"):
+        run(tmp_path, "--amp", "bf16", "--device", "cpu", name="k")
+    with pytest.raises(SystemExit):  # argparse: invalid choice, exit code 2
+        run(tmp_path, "--arch", "vgg16", name="k")
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    out, _ = run(tmp_path, "--aug-backend", "batched", "--max-steps", "4")
+    good = open(os.path.join(out, "checkpoint.pt"), "rb").read()
+    real = pretrain.soft_info_nce
+    monkeypatch.setattr(pretrain, "soft_info_nce", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(SystemExit, match="the loss became nan"):
+        run(tmp_path, "--aug-backend", "batched", "--resume")
+    assert open(os.path.join(out, "checkpoint.pt"), "rb").read() == good
+
+
+def test_two_process_ddp_run_keeps_ranks_identical(tmp_path):
+    result = tmp_path / "ranks.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "tests", "ddp_worker.py"), str(result)] + TINY + [
+        "--aug-backend", "batched", "--bn-splits", "2", "--max-steps", "3", "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = json.loads(result.read_text())
+    assert ranks["identical"], ranks
+    assert ranks["queue_ptr"] == 3 * 16 % 32  # keys of both ranks were enqueued
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(FMNIST), reason="needs Debian's dataset-fashion-mnist")
+def test_fashion_mnist_features_beat_random_init(tmp_path):
+    out = str(tmp_path / "fmnist")
+    pretrain.main(["--arch", "mobilenetv3_small", "--data", "fashionmnist", "--subset", "20000", "--epochs", "6",
+                   "--batch-size", "64", "--moco-k", "2048", "--moco-m", "0.95", "--moco-t", "0.1", "--lr", "0.1",
+                   "--wd", "5e-4", "--warmup-epochs", "1", "--mlp-hidden", "512", "--aug", "small",
+                   "--aug-backend", "batched", "--bn-splits", "8", "--smooth", "0.1", "--channels-last",
+                   "--knn-every", "6", "--knn-subset", "5000", "--log-every", "100", "--out", out])
+    knn = [r["knn_top1"] for r in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "knn_top1" in r]
+    random_init, learned = knn[0], knn[-1]
+    assert learned > random_init + 3, knn
