@@ -275,9 +275,11 @@ def build_backbone(name, small_stem=False):
     return model, dim
 
 
-def build_head(feat_dim, hidden, out_dim=128):
-    """MoCo-v2 projection MLP: Linear(d, h) -> ReLU -> Linear(h, out_dim)."""
-    return nn.Sequential(nn.Linear(feat_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+def build_head(feat_dim, hidden, out_dim=128, bn=False):
+    """MoCo-v2 projection MLP: Linear(d, h) -> ReLU -> Linear(h, out_dim); with bn, a BatchNorm on the hidden
+    layer (Linear -> BN -> ReLU -> Linear, as SimCLR and MoCo v3 heads)."""
+    layers = [nn.Linear(feat_dim, hidden)] + ([nn.BatchNorm1d(hidden)] if bn else [])
+    return nn.Sequential(*layers, nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
 
 
 def load_pretrained(path, encoder="query"):
@@ -295,7 +297,7 @@ def load_pretrained(path, encoder="query"):
         raise SystemExit(f"{path} is not a pretrain.py checkpoint (it needs 'model' and 'args' entries)")
     args = ckpt["args"]
     backbone, feat_dim = build_backbone(args["arch"], args.get("small_stem", False))
-    head = build_head(feat_dim, args.get("mlp_hidden") or feat_dim, args.get("moco_dim", 128))
+    head = build_head(feat_dim, args.get("mlp_hidden") or feat_dim, args.get("moco_dim", 128), args.get("head_bn", False))
     prefix = {"query": "encoder_q", "key": "encoder_k"}[encoder]
     for part, module in (("backbone", backbone), ("head", head)):
         start = f"{prefix}.{part}."
@@ -313,26 +315,32 @@ def load_pretrained(path, encoder="query"):
 # MoCo: query encoder, momentum key encoder, queue of negatives (SPEC section 2)
 # ---------------------------------------------------------------------------------------------------------------
 
-class SplitBatchNorm2d(nn.BatchNorm2d):
+class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm over `num_splits` groups of the batch (sample i in group i % num_splits) in training: emulates
     the per-GPU BN of a multi-GPU run on one device, so shuffled keys can't share statistics with their queries.
-    State-dict keys are BatchNorm2d's, so a backbone with plain BN loads the weights."""
+    Takes [N, C] (the head) or [N, C, H, W] (the backbone). State-dict keys are BatchNorm's, so weights trained
+    with split BN load into plain BN and back."""
 
     def __init__(self, num_features, num_splits, **kwargs):
         super().__init__(num_features, **kwargs)
         self.num_splits = num_splits
 
+    def _check_input_dim(self, x):
+        if x.dim() not in (2, 4):
+            raise ValueError(f"expected a 2D or 4D input, got {x.dim()}D")
+
     def forward(self, x):
         if not self.training:
             return super().forward(x)
-        n, c, h, w = x.shape
+        n, c = x.shape[:2]
         s = self.num_splits
         if n % s:
             raise ValueError(f"batch of {n} does not split into {s} BN groups")
         mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
-        # reshape, not view: channels_last inputs are not contiguous in this layout
-        out = F.batch_norm(x.reshape(n // s, c * s, h, w), mean, var, self.weight.repeat(s), self.bias.repeat(s),
-                           True, self.momentum, self.eps).reshape(n, c, h, w)
+        # group g's channels become channels g*c .. g*c + c - 1 of one batch of n / s samples; reshape, not view:
+        # channels_last inputs are not contiguous in this layout
+        out = F.batch_norm(x.reshape(n // s, c * s, *x.shape[2:]), mean, var, self.weight.repeat(s),
+                           self.bias.repeat(s), True, self.momentum, self.eps).reshape(x.shape)
         self.running_mean.copy_(mean.view(s, c).mean(0))
         self.running_var.copy_(var.view(s, c).mean(0))
         self.num_batches_tracked.add_(1)
@@ -340,10 +348,10 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
 
 
 def split_batchnorm(module, num_splits):
-    """Replace every BatchNorm2d in `module` by a SplitBatchNorm2d with the same settings and state."""
+    """Replace every BatchNorm1d / BatchNorm2d in `module` by a SplitBatchNorm with the same settings and state."""
     for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            split = SplitBatchNorm2d(child.num_features, num_splits, eps=child.eps, momentum=child.momentum)
+        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            split = SplitBatchNorm(child.num_features, num_splits, eps=child.eps, momentum=child.momentum)
             split.load_state_dict(child.state_dict())
             setattr(module, name, split)
         else:
@@ -367,14 +375,14 @@ def concat_all_gather(x):
 
 class MoCo(nn.Module):
     def __init__(self, arch, small_stem=False, dim=128, mlp_hidden=0, queue_size=65536, bn_splits=1,
-                 symmetric=False):
+                 symmetric=False, head_bn=False):
         super().__init__()
         backbone, feat_dim = build_backbone(arch, small_stem)
-        if bn_splits > 1:
-            split_batchnorm(backbone, bn_splits)
         self.symmetric = symmetric
         self.encoder_q = nn.Sequential(OrderedDict(backbone=backbone,
-                                                   head=build_head(feat_dim, mlp_hidden or feat_dim, dim)))
+                                                   head=build_head(feat_dim, mlp_hidden or feat_dim, dim, head_bn)))
+        if bn_splits > 1:
+            split_batchnorm(self.encoder_q, bn_splits)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():
             p.requires_grad = False

@@ -34,6 +34,7 @@ def get_args(argv=None):
     a("--arch", default="resnet18", choices=ARCHS)
     a("--small-stem", action="store_true", help="stem for 28-64 px inputs (total stride 8)")
     a("--mlp-hidden", type=int, default=0, help="hidden width of the projection head; 0 = feature size (MoCo-v2)")
+    a("--head-bn", action="store_true", help="BatchNorm on the head's hidden layer (SimCLR / MoCo v3 style)")
     a("--moco-dim", type=int, default=128, help="embedding size")
     a("--moco-k", type=int, default=65536, help="queue size K (must stay well below the number of images)")
     a("--moco-m", type=float, default=0.999, help="key-encoder momentum")
@@ -168,6 +169,56 @@ def rng_states(aug_gen):
     return states
 
 
+def build(args, device):
+    """The MoCo model (on the CPU until moved), its SGD optimizer, the fp16 gradient scaler (a no-op otherwise) and
+    the autocast context for --amp on this device."""
+    raw = MoCo(args.arch, args.small_stem, args.moco_dim, args.mlp_hidden, args.moco_k, args.bn_splits,
+               args.symmetric, args.head_bn)
+    optimizer = torch.optim.SGD(raw.encoder_q.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
+    if device.type == "cuda" and args.amp != "off":
+        fp16 = args.amp == "fp16" or (args.amp == "auto" and not torch.cuda.is_bf16_supported())
+        amp_dtype = torch.float16 if fp16 else torch.bfloat16
+    elif args.amp in ("bf16", "fp16"):
+        raise SystemExit(f"--amp {args.amp} needs a CUDA device; on {device} use --amp auto or off.")
+    else:
+        amp_dtype = None
+    scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    return raw, optimizer, scaler, autocast
+
+
+def train_step(model, raw, x1, x2, optimizer, scaler, autocast, args, step, total_steps, warmup_steps,
+               teacher=None, want_acc=False):
+    """One MoCo step: lr and eps for this step, query and key embeddings, the (softened) InfoNCE against the queue,
+    SGD, then this batch's keys (from every rank) join the queue. Returns (loss tensor, accuracy % or None)."""
+    if args.channels_last:
+        x1, x2 = x1.contiguous(memory_format=torch.channels_last), x2.contiguous(memory_format=torch.channels_last)
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, total_steps, warmup_steps, args.lr)
+    eps = smooth_eps(args.smooth, args.smooth_schedule, step, total_steps, warmup_steps)
+    with autocast:
+        q1, q2, k1, k2 = model(x1, x2, momentum_at(step, total_steps, args.moco_m, args.moco_m_cos),
+                               both_queries=teacher is not None)
+        if teacher is not None:
+            with torch.no_grad():
+                t1, t2 = teacher(x1).float(), teacher(x2).float()
+    q1, k2 = q1.float(), k2.float()  # the loss in fp32: logits / tau over K entries need the precision
+    loss = soft_info_nce(q1, k2, raw.queue, args.moco_t, eps, args.smooth_k, args.smooth_mode)
+    if args.symmetric:
+        loss = loss + soft_info_nce(q2.float(), k1.float(), raw.queue, args.moco_t, eps, args.smooth_k,
+                                    args.smooth_mode)
+    if teacher is not None:
+        loss = loss + distill_loss(q1, t1) + distill_loss(q2.float(), t2)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    acc = contrastive_accuracy(q1.detach(), k2, raw.queue) if want_acc else None  # before the keys join the queue
+    # the queue changes only after the loss used it; keys from every rank, in rank order
+    raw.enqueue(concat_all_gather(torch.cat([k2, k1]) if args.symmetric else k2))
+    return loss.detach(), acc
+
+
 def main(argv=None):
     args = get_args(argv)
     ddp = "RANK" in os.environ  # started by torchrun
@@ -207,18 +258,7 @@ def main(argv=None):
 
     torch.manual_seed(args.seed + rank)
     aug_gen = torch.Generator(device=device).manual_seed(args.seed + rank)
-    raw = MoCo(args.arch, args.small_stem, args.moco_dim, args.mlp_hidden, args.moco_k, args.bn_splits,
-               args.symmetric)
-    optimizer = torch.optim.SGD(raw.encoder_q.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
-    if device.type == "cuda" and args.amp != "off":
-        fp16 = args.amp == "fp16" or (args.amp == "auto" and not torch.cuda.is_bf16_supported())
-        amp_dtype = torch.float16 if fp16 else torch.bfloat16
-    elif args.amp in ("bf16", "fp16"):
-        raise SystemExit(f"--amp {args.amp} needs a CUDA device; on {device} use --amp auto or off.")
-    else:
-        amp_dtype = None
-    scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    raw, optimizer, scaler, autocast = build(args, device)
 
     step = 0
     if ckpt is not None:
@@ -296,41 +336,17 @@ def main(argv=None):
         epoch = step // steps_per_epoch
         for x1, x2 in epoch_batches(train, args, epoch, step % steps_per_epoch, rank, world, device, transform,
                                     aug_gen):
-            if args.channels_last:
-                x1, x2 = x1.contiguous(memory_format=torch.channels_last), x2.contiguous(
-                    memory_format=torch.channels_last)
-            lr = lr_at(step, total_steps, warmup_steps, args.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            eps = smooth_eps(args.smooth, args.smooth_schedule, step, total_steps, warmup_steps)
-            with autocast:
-                q1, q2, k1, k2 = model(x1, x2, momentum_at(step, total_steps, args.moco_m, args.moco_m_cos),
-                                       both_queries=teacher is not None)
-                if teacher is not None:
-                    with torch.no_grad():
-                        t1, t2 = teacher(x1).float(), teacher(x2).float()
-            q1, k2 = q1.float(), k2.float()  # the loss in fp32: logits / tau over K entries need the precision
-            loss = soft_info_nce(q1, k2, raw.queue, args.moco_t, eps, args.smooth_k, args.smooth_mode)
-            if args.symmetric:
-                loss = loss + soft_info_nce(q2.float(), k1.float(), raw.queue, args.moco_t, eps, args.smooth_k,
-                                            args.smooth_mode)
-            if teacher is not None:
-                loss = loss + distill_loss(q1, t1) + distill_loss(q2.float(), t2)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
             log_now = (step + 1) % args.log_every == 0 or step + 1 == last_step
-            if log_now:
-                acc = contrastive_accuracy(q1.detach(), k2, raw.queue)  # before this batch's keys join the queue
-            # the queue changes only after the loss used it; keys from every rank, in rank order
-            raw.enqueue(concat_all_gather(torch.cat([k2, k1]) if args.symmetric else k2))
+            loss, acc = train_step(model, raw, x1, x2, optimizer, scaler, autocast, args, step, total_steps,
+                                   warmup_steps, teacher, want_acc=log_now)
             step += 1
             interval_steps += 1
             images_seen += args.batch_size
             run_loss += loss.detach()
             if log_now:
                 mean_loss = run_loss.item() / interval_steps
+                lr = optimizer.param_groups[0]["lr"]
+                eps = smooth_eps(args.smooth, args.smooth_schedule, step - 1, total_steps, warmup_steps)
                 check_finite(mean_loss, step, args.out)
                 dt = time.time() - t0
                 speed = interval_steps * args.batch_size / dt

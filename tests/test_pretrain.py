@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pretrain
-from models import MoCo, SplitBatchNorm2d, split_batchnorm
+from models import MoCo, SplitBatchNorm, split_batchnorm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
@@ -72,23 +72,24 @@ def test_keys_are_unshuffled_after_shuffle_bn():
     assert torch.allclose(model.key_embed(x), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_split_bn_equals_separate_bn_over_the_sub_batches(channels_last):
+@pytest.mark.parametrize("layout", ["2d", "channels_last", "1d"])
+def test_split_bn_equals_separate_bn_over_the_sub_batches(layout):
     torch.manual_seed(0)
-    bn = nn.BatchNorm2d(5, momentum=0.1)
+    BN = nn.BatchNorm1d if layout == "1d" else nn.BatchNorm2d
+    bn = BN(5, momentum=0.1)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-1, 1)
     split = split_batchnorm(nn.Sequential(bn), 4)[0]
-    assert isinstance(split, SplitBatchNorm2d)
-    x = torch.randn(12, 5, 3, 3) * 3 + 1
-    if channels_last:
+    assert isinstance(split, SplitBatchNorm)
+    x = torch.randn(12, 5, *(() if layout == "1d" else (3, 3))) * 3 + 1
+    if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     out = split(x)
     groups = [torch.arange(12)[i::4] for i in range(4)]  # sample i belongs to group i % 4
     means, vars_ = [], []
     for idx in groups:
-        ref = nn.BatchNorm2d(5, momentum=0.1)
+        ref = BN(5, momentum=0.1)
         ref.load_state_dict(bn.state_dict())
         assert torch.allclose(out[idx], ref(x[idx]), atol=1e-5)
         means.append(ref.running_mean)
