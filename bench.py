@@ -1,43 +1,275 @@
-"""Throughput on this machine. --aug-only times two-view augmentation, the data side of a pretraining step: images
-per second, each image giving two random views, for both backends at each --img-size:
-- torchvision: per-image transforms on PIL images in --workers DataLoader workers;
-- batched: BatchedAugment on whole uint8 batches on --device (default: CUDA when there is one).
-The images are synthetic and held in memory, so no file decoding is timed.
+"""Throughput of pretraining on this machine, nanoGPT-style: the real pretrain.py step, timed.
 
-    python3 bench.py --aug-only --img-size 32 224 --batch-size 256
+For each architecture, at one image size and stem, on in-memory images (synthetic, or a data set such as the
+embedded Fashion-MNIST), the benchmark runs pretrain.train_step (two-view augmentation, query forward and backward,
+key forward, loss, SGD, queue update) for --warmup untimed and --steps timed steps and prints:
+- images/s end to end with the `batched` backend, and the milliseconds of a step spent in augmentation, in the
+  query encoder's forward-backward, and in the rest (key encoder, loss, optimizer, queue);
+- the MoCo overhead: (step - augmentation - query forward-backward - SGD) / query forward-backward;
+- the `torchvision` worker pipeline's images/s on the same model (--workers processes) and the batched speed-up;
+- channels_last against the default memory format, and on CUDA bf16 AMP and torch.compile against plain fp32;
+- peak memory (CUDA: allocated; CPU: the resident size of a fresh process per architecture) and forward MACs.
+
+    python3 bench.py                                     # the five networks, 32 px, ImageNet stem, batch 256
+    python3 bench.py --arch resnet18 --small-stem --batch-size 64 --json bench.json
+    python3 bench.py --aug-only --img-size 32 224        # the augmentation backends alone
+
+Nothing here is asserted by the tests: the figures are for reading and comparing.
 """
 import argparse
+import json
+import multiprocessing
 import os
+import resource
 import time
 
 import torch
+from torch import nn
 
 import data
+import pretrain
+from models import ARCHS, build_backbone
+
+STUDY_ARCHS = ("resnet18", "resnet34", "mobilenetv3_large", "mobilenetv3_small", "efficientnet_b0")
 
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = parser.add_argument
-    a("--aug-only", action="store_true", help="time two-view augmentation alone")
-    a("--img-size", type=int, nargs="+", default=[32, 224], help="view sizes; images are generated at each size")
+    a("--arch", nargs="+", default=list(STUDY_ARCHS), choices=ARCHS)
+    a("--img-size", type=int, nargs="+", default=[32], help="view size (--aug-only: several sizes)")
+    a("--small-stem", action="store_true")
+    a("--data", default="synthetic", help="in-memory data set the views are cut from (synthetic, fashionmnist, ...)")
+    a("--data-dir", default=None)
     a("--batch-size", type=int, default=256)
-    a("--batches", type=int, default=5, help="timed batches per measurement, after one untimed warm-up batch")
-    a("--aug", default="mocov2", choices=data.AUGS)
+    a("--warmup", type=int, default=2, help="untimed steps before each measurement")
+    a("--steps", type=int, default=8, help="timed steps per measurement")
+    a("--aug", default="small", choices=data.AUGS)
+    a("--moco-k", type=int, default=4096)
+    a("--mlp-hidden", type=int, default=512)
+    a("--bn-splits", type=int, default=8)
     a("--workers", type=int, default=os.cpu_count(), help="DataLoader workers of the torchvision backend")
-    a("--device", default="auto", help="the batched backend's device: auto, cpu, cuda, cuda:1, ...")
+    a("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    a("--no-compare", action="store_true", help="time the default configuration only (no backend or format ratios)")
+    a("--aug-only", action="store_true", help="time two-view augmentation alone")
+    a("--batches", type=int, default=5, help="--aug-only: timed batches per measurement")
+    a("--json", default=None, help="write every figure to this file")
     return parser.parse_args(argv)
 
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_macs(model, img_size):
+    """Multiply-accumulates of one forward pass of one image, over convolutions and Linear layers (the usual
+    convention of model tables: BN, activations and pooling are left out)."""
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            kernel_ops = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            total += output.numel() * kernel_ops
+        else:
+            total += output.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 3, img_size, img_size))
+    model.train(was_training)
+    for h in handles:
+        h.remove()
+    return total
+
+
+def train_args(args, arch, img_size, **changes):
+    """pretrain.py's flags for the benchmark's configuration (long schedule: the lr stays near its peak)."""
+    flags = ["--arch", arch, "--img-size", str(img_size), "--batch-size", str(args.batch_size), "--moco-k",
+             str(args.moco_k), "--moco-m", "0.99", "--moco-t", "0.1", "--lr", "0.06", "--wd", "5e-4",
+             "--mlp-hidden", str(args.mlp_hidden), "--head-bn", "--bn-splits", str(args.bn_splits), "--aug", args.aug,
+             "--epochs", "1000"] + (["--small-stem"] if args.small_stem else [])
+    return argparse.Namespace(**{**vars(pretrain.get_args(flags)), **changes})
+
+
+class Timer:
+    """Accumulates the seconds of named phases, synchronising CUDA at each boundary."""
+
+    def __init__(self, device):
+        self.device, self.totals = device, {}
+
+    def __call__(self, name, fn, *inputs):
+        sync(self.device)
+        start = time.perf_counter()
+        out = fn(*inputs)
+        sync(self.device)
+        self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+        return out
+
+
+def run_steps(train, targs, device, args, backend):
+    """Seconds per phase over args.steps timed steps of pretrain.train_step, after args.warmup untimed ones."""
+    raw, optimizer, scaler, autocast = pretrain.build(targs, device)
+    raw.to(device, memory_format=torch.channels_last if targs.channels_last else torch.preserve_format)
+    if targs.compile:
+        raw.encoder_q.compile()
+        raw.encoder_k.compile()
+    total = args.warmup + args.steps
+    gen = torch.Generator(device=device).manual_seed(0)
+    if backend == "batched":
+        images = train.images.to(device)
+        augment = data.BatchedAugment(targs.aug, targs.img_size, train.mean, train.std)
+
+        def views():
+            while True:
+                x = images[torch.randint(len(images), (targs.batch_size,), device=device, generator=gen)]
+                yield augment(x, gen), augment(x, gen)
+    else:
+        sampler = torch.utils.data.RandomSampler(train.labels, replacement=True, num_samples=total * targs.batch_size)
+        loader = torch.utils.data.DataLoader(
+            data.TwoViewDataset(train, data.view_transform(targs.aug, targs.img_size, train.mean, train.std)),
+            batch_size=targs.batch_size, sampler=sampler, num_workers=args.workers, persistent_workers=False,
+            pin_memory=device.type == "cuda")
+
+        def views():
+            for x1, x2, _ in loader:
+                yield x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+
+    batches = views()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timer = Timer(device)
+    for i in range(total):
+        if i == args.warmup:
+            timer.totals.clear()
+        x1, x2 = timer("augment", next, batches)
+        timer("step", pretrain.train_step, raw, raw, x1, x2, optimizer, scaler, autocast, targs, i, 10 ** 6, 0)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+    return {k: v / args.steps for k, v in timer.totals.items()}, raw, optimizer, peak
+
+
+def query_forward_backward(raw, optimizer, targs, device, args):
+    """Seconds of the query encoder's forward and backward alone, and of the SGD step alone, on fixed batches."""
+    fmt = torch.channels_last if targs.channels_last else torch.contiguous_format
+    x = torch.randn(targs.batch_size, 3, targs.img_size, targs.img_size, device=device).contiguous(memory_format=fmt)
+    _, _, _, autocast = pretrain.build(targs, device)
+
+    def forward_backward():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            q = raw.encoder_q(x)
+        q.float().square().mean().backward()
+
+    timer = Timer(device)
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            timer.totals.clear()
+        timer("fwd_bwd", forward_backward)
+        timer("sgd", optimizer.step)
+    return timer.totals["fwd_bwd"] / args.steps, timer.totals["sgd"] / args.steps
+
+
+def bench_arch(args, arch, img_size, device):
+    """Every figure of one architecture, as a dict."""
+    torch.manual_seed(0)
+    if args.data == "synthetic":
+        images, labels = data.synthetic_data("train", max(2 * args.batch_size, 512), size=img_size)
+        train = data.ImageData("synthetic", images, None, labels, 10, *data.STATS["synthetic"])
+    else:
+        train = data.load_data(args.data, "pretrain", args.data_dir)
+        if train.images is None:
+            raise SystemExit(f"bench.py needs an in-memory data set, and {args.data} is read from image files.")
+    channels_last = True  # the default the figures are reported for: worth 3-4x for depthwise networks on a CPU
+    targs = train_args(args, arch, img_size, channels_last=channels_last, amp="auto", compile=False)
+    backbone = build_backbone(arch, args.small_stem)[0]
+    row = {"arch": arch, "img_size": img_size, "small_stem": args.small_stem, "batch_size": args.batch_size,
+           "device": device_name(device), "threads": torch.get_num_threads(),
+           "backbone_params": sum(p.numel() for p in backbone.parameters()),
+           "forward_mmacs": count_macs(backbone, img_size) / 1e6}
+    del backbone
+
+    phases, raw, optimizer, peak = run_steps(train, targs, device, args, "batched")
+    step_s = phases["augment"] + phases["step"]
+    fwd_bwd, sgd = query_forward_backward(raw, optimizer, targs, device, args)
+    del raw, optimizer
+    row.update(images_per_s=args.batch_size / step_s, step_ms=1e3 * step_s, augment_ms=1e3 * phases["augment"],
+               query_fwd_bwd_ms=1e3 * fwd_bwd, rest_ms=1e3 * (phases["step"] - fwd_bwd),
+               moco_overhead=(phases["step"] - fwd_bwd - sgd) / fwd_bwd)
+    if device.type == "cuda":
+        row["peak_memory_mb"] = peak
+    if not args.no_compare:
+        variants = {"torchvision": ("torchvision", {}), "default_format": ("batched", {"channels_last": False})}
+        if device.type == "cuda":
+            variants.update({
+                "fp32": ("batched", {"channels_last": False, "amp": "off"}),
+                "bf16_channels_last_compile": ("batched", {"compile": True})})
+        for name, (backend, changes) in variants.items():
+            phases = run_steps(train, argparse.Namespace(**{**vars(targs), **changes}), device, args, backend)[0]
+            row[f"{name}_images_per_s"] = args.batch_size / (phases["augment"] + phases["step"])
+        row["batched_over_torchvision"] = row["images_per_s"] / row["torchvision_images_per_s"]
+        row["channels_last_speedup"] = row["images_per_s"] / row["default_format_images_per_s"]
+        if device.type == "cuda":
+            row["amp_channels_last_over_fp32"] = row["images_per_s"] / row["fp32_images_per_s"]
+            row["compile_over_fp32"] = row["bf16_channels_last_compile_images_per_s"] / row["fp32_images_per_s"]
+    if device.type != "cuda":
+        row["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return row
+
+
+def _child(queue, args, arch, img_size, device):
+    try:
+        queue.put(bench_arch(args, arch, img_size, device))
+    except BaseException as e:  # noqa: BLE001 - the parent reports it
+        queue.put(f"{type(e).__name__}: {e}")
+
+
+def in_fresh_process(args, arch, img_size, device):
+    """bench_arch in a new process, so that the CPU's peak resident memory is this architecture's alone."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, args, arch, img_size, device))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    if isinstance(result, str):
+        raise SystemExit(f"{arch}: {result}")
+    return result
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def print_table(rows):
+    cols = [("arch", "{:<18}", "arch"), ("images_per_s", "{:>8.0f}", "img/s"), ("step_ms", "{:>8.1f}", "step ms"),
+            ("augment_ms", "{:>7.1f}", "aug ms"), ("query_fwd_bwd_ms", "{:>8.1f}", "q f+b ms"),
+            ("rest_ms", "{:>8.1f}", "rest ms"), ("moco_overhead", "{:>8.0%}", "MoCo +"),
+            ("torchvision_images_per_s", "{:>8.0f}", "tv img/s"), ("batched_over_torchvision", "{:>7.2f}x", "batched"),
+            ("channels_last_speedup", "{:>7.2f}x", "ch_last"), ("amp_channels_last_over_fp32", "{:>7.2f}x", "amp+cl"),
+            ("compile_over_fp32", "{:>7.2f}x", "compile"), ("peak_memory_mb", "{:>8.0f}", "peak MB"),
+            ("forward_mmacs", "{:>8.1f}", "MMACs")]
+    cols = [c for c in cols if any(c[0] in r for r in rows)]
+    print("  ".join(f"{title:>{len(fmt.format(0)) if key != 'arch' else 18}}" if key != "arch" else f"{title:<18}"
+                    for key, fmt, title in cols))
+    for r in rows:
+        print("  ".join(fmt.format(r[key]) if key in r else " " * len(fmt.format(0)) for key, fmt, _ in cols))
+
+
+# --- augmentation alone (--aug-only) ---
 
 def timed(batches, step, device):
     """Seconds per call of step(), after one warm-up call."""
     step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(batches):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     return (time.perf_counter() - start) / batches
 
 
@@ -67,9 +299,9 @@ def batched_rate(images, args, img_size, device):
 
 
 def bench_aug(args, device):
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
+    rows = []
     print(f"two-view augmentation ({args.aug}), batch {args.batch_size}, {args.batches} timed batches; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {machine}")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device_name(device)}")
     print(f"{'px':>5}  {'backend':<12} {'device':<8} {'images/s':>9}  {'views/s':>9}")
     for size in args.img_size:
         images = data.synthetic_data("train", args.batch_size, size=size)[0]
@@ -77,16 +309,32 @@ def bench_aug(args, device):
                 ("torchvision", f"{args.workers} wkr", lambda: torchvision_rate(images, args, size)),
                 ("batched", device.type, lambda: batched_rate(images, args, size, device))):
             rate = rate()
+            rows.append({"img_size": size, "backend": backend, "device": device_name(device), "images_per_s": rate})
             print(f"{size:>5}  {backend:<12} {where:<8} {rate:>9.0f}  {2 * rate:>9.0f}", flush=True)
+    return rows
 
 
 def main(argv=None):
     args = get_args(argv)
-    if not args.aug_only:
-        raise SystemExit("bench.py times two-view augmentation only so far: pass --aug-only.")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
                           else args.device)
-    bench_aug(args, device)
+    if args.aug_only:
+        rows = bench_aug(args, device)
+    else:
+        print(f"MoCo training step: {args.aug} views, batch {args.batch_size}, K {args.moco_k}, split BN "
+              f"{args.bn_splits}, {'small' if args.small_stem else 'ImageNet'} stem, channels_last, "
+              f"{args.warmup} + {args.steps} steps; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"{device_name(device)}", flush=True)
+        rows = []
+        for img_size in args.img_size:
+            for arch in args.arch:
+                rows.append(in_fresh_process(args, arch, img_size, device) if device.type == "cpu"
+                            else bench_arch(args, arch, img_size, device))
+                print(f"  {arch} at {img_size} px: {rows[-1]['images_per_s']:.0f} img/s", flush=True)
+        print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -189,12 +189,15 @@ def test_two_process_ddp_run_keeps_ranks_identical(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(FMNIST), reason="needs Debian's dataset-fashion-mnist")
 def test_fashion_mnist_features_beat_random_init(tmp_path):
+    # The demo recipe on 20k real images, 8 short epochs (~3.5 min on 2 cores). Without --head-bn this run
+    # collapses (all queries drift towards one direction) and ends well below random init: see README.
     out = str(tmp_path / "fmnist")
-    pretrain.main(["--arch", "mobilenetv3_small", "--data", "fashionmnist", "--subset", "20000", "--epochs", "6",
-                   "--batch-size", "64", "--moco-k", "2048", "--moco-m", "0.95", "--moco-t", "0.1", "--lr", "0.1",
-                   "--wd", "5e-4", "--warmup-epochs", "1", "--mlp-hidden", "512", "--aug", "small",
-                   "--aug-backend", "batched", "--bn-splits", "8", "--smooth", "0.1", "--channels-last",
-                   "--knn-every", "6", "--knn-subset", "5000", "--log-every", "100", "--out", out])
+    pretrain.main(["--arch", "mobilenetv3_small", "--data", "fashionmnist", "--subset", "20000", "--epochs", "8",
+                   "--batch-size", "128", "--moco-k", "1024", "--moco-m", "0.99", "--moco-t", "0.1", "--lr", "0.06",
+                   "--wd", "5e-4", "--mlp-hidden", "512", "--head-bn", "--aug", "small", "--aug-backend", "batched",
+                   "--bn-splits", "8", "--channels-last", "--knn-every", "4", "--knn-subset", "5000",
+                   "--log-every", "100", "--out", out])
     knn = [r["knn_top1"] for r in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "knn_top1" in r]
     random_init, learned = knn[0], knn[-1]
-    assert learned > random_init + 3, knn
+    # 5000 kNN queries: one standard error of a top-1 near 67% is about 0.7 points.
+    assert learned > random_init + 2.5, knn

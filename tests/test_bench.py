@@ -1,0 +1,34 @@
+import json
+import math
+
+import pytest
+
+import bench
+from models import build_backbone
+
+
+@pytest.mark.parametrize("arch, macs", [("resnet18", 1.8136e9), ("mobilenetv3_large", 0.2166e9)])
+def test_forward_macs_match_the_published_counts(arch, macs):
+    # torchvision's tables: 1.81 / 0.22 GFLOPS (multiply-adds) at 224 px; minus the dropped 1000-class Linear
+    assert bench.count_macs(build_backbone(arch)[0], 224) == pytest.approx(macs, rel=0.01)
+
+
+def test_the_benchmark_times_a_real_step_and_writes_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--arch", "mobilenetv3_small", "--batch-size", "16", "--moco-k", "64", "--warmup", "1",
+                "--steps", "1", "--workers", "0", "--json", str(out)])
+    (row,) = json.loads(out.read_text())
+    for key in ("images_per_s", "step_ms", "augment_ms", "query_fwd_bwd_ms", "torchvision_images_per_s", "batched_over_torchvision", "channels_last_speedup", "peak_memory_mb",
+                "forward_mmacs"):
+        assert row[key] > 0, key
+    assert math.isfinite(row["rest_ms"]) and math.isfinite(row["moco_overhead"])  # differences of timings
+    assert row["backbone_params"] == 1_517_856
+
+
+def test_augmentation_only_mode(tmp_path, capsys):
+    out = tmp_path / "aug.json"
+    bench.main(["--aug-only", "--img-size", "32", "--batch-size", "8", "--batches", "1", "--workers", "0",
+                "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert {r["backend"] for r in rows} == {"torchvision", "batched"}
+    assert all(r["images_per_s"] > 0 for r in rows)
