@@ -2,7 +2,7 @@
 
 For each architecture, at one image size and stem, on in-memory images (synthetic, or a data set such as the
 embedded Fashion-MNIST), the benchmark runs pretrain.train_step (two-view augmentation, query forward and backward,
-key forward, loss, SGD, queue update) for --warmup untimed and --steps timed steps and prints:
+key forward, loss, SGD, queue update) for --warmup untimed and --steps timed steps and prints medians of:
 - images/s end to end with the `batched` backend, and the milliseconds of a step spent in augmentation, in the
   query encoder's forward-backward, and in the rest (key encoder, loss, optimizer, queue);
 - the MoCo overhead: (step - augmentation - query forward-backward - SGD) / query forward-backward;
@@ -21,6 +21,7 @@ import json
 import multiprocessing
 import os
 import resource
+import statistics
 import time
 
 import torch
@@ -96,24 +97,39 @@ def train_args(args, arch, img_size, **changes):
 
 
 class Timer:
-    """Accumulates the seconds of named phases, synchronising CUDA at each boundary."""
+    """Records the seconds of each call of named phases, synchronising CUDA at each boundary."""
 
     def __init__(self, device):
-        self.device, self.totals = device, {}
+        self.device, self.times = device, {}
 
     def __call__(self, name, fn, *inputs):
         sync(self.device)
         start = time.perf_counter()
         out = fn(*inputs)
         sync(self.device)
-        self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+        self.times.setdefault(name, []).append(time.perf_counter() - start)
         return out
 
+    def medians(self, skip):
+        """Median seconds per phase, leaving out the first `skip` (warm-up) calls."""
+        return {name: statistics.median(t[skip:]) for name, t in self.times.items()}
 
-def run_steps(train, targs, device, args, backend):
-    """Seconds per phase over args.steps timed steps of pretrain.train_step, after args.warmup untimed ones."""
+
+def query_forward_backward(raw, x, autocast, optimizer):
+    """The query encoder's forward and backward alone (a stand-in loss on its output), as in supervised training."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast:
+        q = raw.encoder_q(x)
+    q.float().square().mean().backward()
+
+
+def run_steps(train, targs, device, args, backend, parts=False):
+    """Median seconds per phase over args.steps timed steps of pretrain.train_step, after args.warmup untimed ones.
+    With parts=True each step is followed, on the same batch, by the query encoder's forward-backward alone and by
+    an SGD step alone: timed in the same loop, so that a drifting machine affects the step and its parts alike."""
     raw, optimizer, scaler, autocast = pretrain.build(targs, device)
-    raw.to(device, memory_format=torch.channels_last if targs.channels_last else torch.preserve_format)
+    fmt = torch.channels_last if targs.channels_last else torch.contiguous_format
+    raw.to(device, memory_format=fmt)
     if targs.compile:
         raw.encoder_q.compile()
         raw.encoder_k.compile()
@@ -143,33 +159,14 @@ def run_steps(train, targs, device, args, backend):
         torch.cuda.reset_peak_memory_stats(device)
     timer = Timer(device)
     for i in range(total):
-        if i == args.warmup:
-            timer.totals.clear()
         x1, x2 = timer("augment", next, batches)
         timer("step", pretrain.train_step, raw, raw, x1, x2, optimizer, scaler, autocast, targs, i, 10 ** 6, 0)
+        if parts:
+            timer("query_fwd_bwd", query_forward_backward, raw, x1.contiguous(memory_format=fmt), autocast,
+                  optimizer)
+            timer("sgd", optimizer.step)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
-    return {k: v / args.steps for k, v in timer.totals.items()}, raw, optimizer, peak
-
-
-def query_forward_backward(raw, optimizer, targs, device, args):
-    """Seconds of the query encoder's forward and backward alone, and of the SGD step alone, on fixed batches."""
-    fmt = torch.channels_last if targs.channels_last else torch.contiguous_format
-    x = torch.randn(targs.batch_size, 3, targs.img_size, targs.img_size, device=device).contiguous(memory_format=fmt)
-    _, _, _, autocast = pretrain.build(targs, device)
-
-    def forward_backward():
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            q = raw.encoder_q(x)
-        q.float().square().mean().backward()
-
-    timer = Timer(device)
-    for i in range(args.warmup + args.steps):
-        if i == args.warmup:
-            timer.totals.clear()
-        timer("fwd_bwd", forward_backward)
-        timer("sgd", optimizer.step)
-    return timer.totals["fwd_bwd"] / args.steps, timer.totals["sgd"] / args.steps
+    return timer.medians(args.warmup), peak
 
 
 def bench_arch(args, arch, img_size, device):
@@ -191,10 +188,9 @@ def bench_arch(args, arch, img_size, device):
            "forward_mmacs": count_macs(backbone, img_size) / 1e6}
     del backbone
 
-    phases, raw, optimizer, peak = run_steps(train, targs, device, args, "batched")
+    phases, peak = run_steps(train, targs, device, args, "batched", parts=True)
     step_s = phases["augment"] + phases["step"]
-    fwd_bwd, sgd = query_forward_backward(raw, optimizer, targs, device, args)
-    del raw, optimizer
+    fwd_bwd, sgd = phases["query_fwd_bwd"], phases["sgd"]
     row.update(images_per_s=args.batch_size / step_s, step_ms=1e3 * step_s, augment_ms=1e3 * phases["augment"],
                query_fwd_bwd_ms=1e3 * fwd_bwd, rest_ms=1e3 * (phases["step"] - fwd_bwd),
                moco_overhead=(phases["step"] - fwd_bwd - sgd) / fwd_bwd)
