@@ -244,9 +244,11 @@ def settings(args, device, dim, num_classes):
 
 
 def write_json(results, path):
+    """Atomically (a temporary file, then a rename): run_all.sh takes an existing file as a finished stage."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(results, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 # ----- the script -------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from knn_eval import knn_monitor
+from knn_eval import knn_monitor, write_json
 from losses import SMOOTH_MODES, SMOOTH_SCHEDULES, contrastive_accuracy, distill_loss, smooth_eps, soft_info_nce
 from models import ARCHS, MoCo, concat_all_gather, load_pretrained
 
@@ -260,7 +260,7 @@ def main(argv=None):
     aug_gen = torch.Generator(device=device).manual_seed(args.seed + rank)
     raw, optimizer, scaler, autocast = build(args, device)
 
-    step = 0
+    step, wall_before = 0, 0.0  # wall_before: seconds the steps of a resumed checkpoint took
     if ckpt is not None:
         try:
             raw.load_state_dict(ckpt["model"])
@@ -269,7 +269,7 @@ def main(argv=None):
             raise SystemExit(f"{ckpt_path} does not fit this model ({str(e).splitlines()[0]}): move it away or "
                              f"choose another --out.")
         scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
+        step, wall_before = ckpt["step"], ckpt["wall_s"]
         if len(ckpt["rng"]) == world:  # the same number of processes: continue every random stream exactly
             torch.set_rng_state(ckpt["rng"][rank]["torch"])
             aug_gen.set_state(ckpt["rng"][rank]["aug"])
@@ -324,11 +324,26 @@ def main(argv=None):
             print(f"epoch {epoch}: kNN top-1 {top1:.2f}%")
             return top1
 
+    summary_path = os.path.join(args.out, "summary.json")
+
+    def write_summary(wall_s, images_per_s, knn_top1, resumed_at):
+        peak_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        write_json({"arch": args.arch, "backbone_params": sum(p.numel() for p in raw.encoder_q.backbone.parameters()),
+                    "epochs": step / steps_per_epoch, "steps": step, "images_per_s": images_per_s,
+                    "peak_memory_mb": peak_mb, "wall_s": wall_s, "resumed_at_step": resumed_at,
+                    "knn_top1": knn_top1, "world_size": world, "device": str(device), "args": vars(args)},
+                   summary_path)
+
     if step >= last_step:
         if master:
+            if not os.path.exists(summary_path):  # killed between the last checkpoint and the summary
+                knn_logged = [r["knn_top1"] for r in map(json.loads, open(log_path)) if "knn_top1" in r]
+                write_summary(ckpt["wall_s"], ckpt["images_per_s"], (knn_logged or [None])[-1], step)
             print(f"{args.out} is complete ({step} steps); nothing to do.")
         return raw
     knn_top1 = knn(0) if step == 0 else None
+    resumed_at = step
     start_time = t0 = time.time()
     paused = 0.0
     run_loss, interval_steps, images_seen = torch.zeros((), device=device), 0, 0
@@ -369,21 +384,15 @@ def main(argv=None):
         if master:
             save_atomic({"args": vars(args), "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "epoch": step // steps_per_epoch, "step": step,
-                         "rng": states, "version": 1}, ckpt_path)
+                         "rng": states, "wall_s": wall_before + time.time() - start_time,
+                         "images_per_s": images_seen / (pause - start_time - paused), "version": 1}, ckpt_path)
         paused += time.time() - pause  # checkpoints and kNN do not count towards images/s
         t0 += time.time() - pause
 
     wall = time.time() - start_time
     if master:
-        peak_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        summary = {"arch": args.arch, "backbone_params": sum(p.numel() for p in raw.encoder_q.backbone.parameters()),
-                   "epochs": step / steps_per_epoch, "steps": step, "images_per_s": images_seen / (wall - paused),
-                   "peak_memory_mb": peak_mb, "wall_s": wall, "knn_top1": knn_top1, "world_size": world,
-                   "device": str(device), "args": vars(args)}
-        with open(os.path.join(args.out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        print(f"done: {step} steps in {wall:.0f} s; summary in {os.path.join(args.out, 'summary.json')}")
+        write_summary(wall_before + wall, images_seen / (wall - paused), knn_top1, resumed_at)
+        print(f"done: {step} steps in {wall:.0f} s; summary in {summary_path}")
     return raw
 
 

@@ -116,6 +116,7 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, back
     _, full = run(tmp_path, *flags, name="full")
     _, part = run(tmp_path, *flags, "--max-steps", "4", name="part")  # killed after epoch 1
     assert not torch.equal(part.queue, full.queue)
+    first_wall = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["wall_s"]
     out, resumed = run(tmp_path, *flags, "--resume", name="part")
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
@@ -123,6 +124,7 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, back
     assert [r["step"] for r in log if "loss" in r] == [2, 4, 6, 8]
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["steps"] == 8 and summary["backbone_params"] == 1_517_856
+    assert summary["resumed_at_step"] == 4 and summary["wall_s"] > first_wall > 0  # both sessions' time counts
 
 
 def test_run_writes_checkpoint_log_and_summary(tmp_path):
@@ -135,6 +137,11 @@ def test_run_writes_checkpoint_log_and_summary(tmp_path):
     assert all({"loss", "acc", "lr", "eps", "img_per_s"} <= r.keys() for r in log if "knn_top1" not in r)
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["knn_top1"] == log[-1]["knn_top1"] and summary["images_per_s"] > 0
+    # killed after the last checkpoint but before the summary: a rerun writes it from the checkpoint
+    os.remove(os.path.join(out, "summary.json"))
+    run(tmp_path, "--aug-backend", "batched", "--knn-every", "1", "--knn-subset", "40", "--resume")
+    again = json.load(open(os.path.join(out, "summary.json")))
+    assert again["wall_s"] == ckpt["wall_s"] and again["knn_top1"] == summary["knn_top1"] and again["steps"] == 8
 
 
 def test_bad_inputs_end_with_one_sentence_and_keep_the_checkpoint(tmp_path):
