@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# The whole study: for each of the five networks, MoCo-v2 pretraining with the baseline recipe and with the
+# small-model recipe (softened InfoNCE), then weighted kNN (with the random-init reference and the diagnostics) and
+# linear evaluation; a results table at the end.
+#
+#   bash run_all.sh [PRESET] [DATA_DIR]       PRESET: demo (default), fmnist, cifar10, imagenet
+#   PRESET=cifar10 DATA_DIR=~/data bash run_all.sh
+#   ARCHS="resnet18 mobilenetv3_small" bash run_all.sh       a subset of the networks
+#   STUDY_DIR=/scratch bash run_all.sh                        runs/ and results/ go there (default: here)
+#
+#   preset    data                             pretraining                         expected cost
+#   demo      embedded Fashion-MNIST, 20k      28 px, ImageNet stem, 6 epochs      about 70 min on a 2-core CPU
+#   fmnist    Fashion-MNIST, 60k               28 px, small stem, 200 epochs       hours on one GPU
+#   cifar10   CIFAR-10 (DATA_DIR)              32 px, small stem, 200 epochs       hours on one GPU
+#   imagenet  ImageFolder train/ val/ (DATA_DIR) 224 px, 200 epochs, 8 GPUs        days on 8 GPUs
+#
+# Every GPU present is used through torchrun; with none, one CPU process. Finished runs are skipped, interrupted
+# ones resumed (pretrain.py --resume), so rerunning the command continues a killed study. Any failing stage stops
+# the study (set -e). Results: results/<preset>/RESULTS.md and results.csv; runs (checkpoints, logs): runs/<preset>/.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PRESET=${1:-${PRESET:-demo}}
+DATA_DIR=${2:-${DATA_DIR:-}}
+ARCHS=(${ARCHS:-resnet18 resnet34 mobilenetv3_large mobilenetv3_small efficientnet_b0})  # ARCHS="a b": a subset
+STUDY_DIR=${STUDY_DIR:-.}  # where runs/ and results/ go
+RUNS=$STUDY_DIR/runs/$PRESET
+OUT=$STUDY_DIR/results/$PRESET
+PY=${PYTHON:-python3}
+
+# --- presets: data, schedule, and the evaluation budget --------------------------------------------------------
+case $PRESET in
+  demo)  # CPU-sized: 28 px, ImageNet stem and channels_last (the small stem costs 8-20x on a CPU), a 20k subset.
+    # At this budget (936 steps) a projection head without BN collapses (every query drifts to one direction and
+    # kNN ends below random init), so both recipes get --head-bn here; see README, "Troubleshooting".
+    DATA=(--data fashionmnist --subset 20000 ${DATA_DIR:+--data-dir "$DATA_DIR"})
+    COMMON=(--epochs 6 --batch-size 128 --moco-k 1024 --moco-m 0.99 --bn-splits 8 --head-bn --aug-backend batched
+            --channels-last --knn-every 3 --knn-subset 5000 --log-every 52)
+    BASE_LR=0.06; SMALL_LR=0.06; WD=5e-4; WARMUP=1; AUG_BASE=small; AUG_SMALL=small; T_BASE=0.2
+    EVAL=(--subset 10000 --channels-last)
+    LINEAR=(--cached --epochs 30 --schedule 18 24) ;;
+  fmnist)
+    DATA=(--data fashionmnist --small-stem ${DATA_DIR:+--data-dir "$DATA_DIR"})
+    COMMON=(--epochs 200 --batch-size 512 --moco-k 4096 --moco-m 0.99 --bn-splits 8 --aug-backend batched
+            --channels-last --knn-every 10)
+    BASE_LR=0.06; SMALL_LR=0.06; WD=5e-4; WARMUP=5; AUG_BASE=small; AUG_SMALL=small; T_BASE=0.2
+    EVAL=(--channels-last)
+    LINEAR=() ;;
+  cifar10)  # SPEC section 6: the well-known MoCo setting on small data sets
+    DATA=(--data cifar10 --small-stem ${DATA_DIR:+--data-dir "$DATA_DIR"})
+    COMMON=(--epochs 200 --batch-size 512 --moco-k 4096 --moco-m 0.99 --bn-splits 8 --aug-backend batched
+            --channels-last --knn-every 10)
+    BASE_LR=0.06; SMALL_LR=0.06; WD=5e-4; WARMUP=5; AUG_BASE=small; AUG_SMALL=small; T_BASE=0.2
+    EVAL=(--channels-last)
+    LINEAR=() ;;
+  imagenet)  # the papers' settings: 224 px, K 65536, m 0.999, blur; DATA_DIR holds train/ and val/
+    [[ -n $DATA_DIR ]] || { echo "run_all.sh imagenet needs DATA_DIR (a folder with train/ and val/)." >&2; exit 2; }
+    DATA=(--data imagefolder --data-dir "$DATA_DIR")
+    COMMON=(--epochs 200 --moco-k 65536 --moco-m 0.999 --aug-backend torchvision --workers 10 --channels-last
+            --knn-every 0)
+    BASE_LR=0.03; SMALL_LR=0.06; WD=1e-4; WARMUP=5; AUG_BASE=mocov2; AUG_SMALL=strong; T_BASE=0.2
+    EVAL=(--workers 10 --channels-last)
+    LINEAR=(--workers 10) ;;
+  smoke)  # the test suite's check of this script: synthetic images, a few steps, no claim about accuracy
+    DATA=(--data synthetic --subset 64)
+    COMMON=(--epochs 1 --batch-size 16 --moco-k 32 --moco-m 0.99 --bn-splits 2 --aug-backend batched --knn-every 1)
+    BASE_LR=0.06; SMALL_LR=0.06; WD=5e-4; WARMUP=0; AUG_BASE=small; AUG_SMALL=small; T_BASE=0.2
+    EVAL=(--subset 64 --test-subset 32)
+    LINEAR=(--cached --epochs 2 --schedule 1) ;;
+  *) echo "unknown preset '$PRESET': choose demo, fmnist, cifar10 or imagenet." >&2; exit 2 ;;
+esac
+
+# --- the two recipes (SPEC section 6); every flag that differs is spelled out here -----------------------------
+BASELINE=(--lr $BASE_LR --wd $WD --moco-t $T_BASE --mlp-hidden 0 --aug $AUG_BASE)      # InfoNCE, asymmetric
+SMALL=(--lr $SMALL_LR --wd $WD --warmup-epochs $WARMUP --moco-t 0.1 --mlp-hidden 2048 --aug $AUG_SMALL
+       --smooth 0.1 --smooth-k 10 --smooth-mode topk --smooth-schedule warmup)              # softened InfoNCE
+[[ $PRESET == imagenet ]] && BASELINE+=(--batch-size 256) && SMALL+=(--batch-size 512 --symmetric)
+
+# --- launcher: every GPU through torchrun, else one CPU process ---------------------------------------------------
+GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
+if (( GPUS > 1 )); then
+  LAUNCH=($PY -m torch.distributed.run --standalone --nproc_per_node="$GPUS")
+else
+  LAUNCH=($PY)
+fi
+echo "run_all.sh $PRESET: ${#ARCHS[@]} networks x 2 recipes on $( ((GPUS)) && echo "$GPUS GPU(s)" || echo CPU)"
+mkdir -p "$RUNS" "$OUT"
+rm -f "$OUT/RESULTS.md" "$OUT/results.csv" "$OUT/results.png"  # written again only if every stage succeeds
+START=$SECONDS
+
+for arch in "${ARCHS[@]}"; do
+  # the random-init reference, once per network (its own seed 0 initialisation, the same evaluation)
+  ref=$OUT/${arch}_random_knn.json
+  [[ -f $ref ]] || $PY knn_eval.py --arch "$arch" --random-init "${DATA[@]}" "${EVAL[@]}" --k 20 200 --json "$ref"
+  for recipe in baseline small; do
+    run=$RUNS/${arch}_$recipe
+    if [[ $recipe == baseline ]]; then flags=("${BASELINE[@]}"); else flags=("${SMALL[@]}"); fi
+    echo "== $arch, $recipe recipe -> $run"
+    if [[ ! -f $run/summary.json ]]; then
+      "${LAUNCH[@]}" pretrain.py --arch "$arch" "${DATA[@]}" "${COMMON[@]}" "${flags[@]}" --out "$run" --resume
+    fi
+    [[ -f $run/knn.json ]] || $PY knn_eval.py --ckpt "$run/checkpoint.pt" "${EVAL[@]}" --k 20 200 --sweep \
+      --diagnostics --json "$run/knn.json"
+    [[ -f $run/linear.json ]] || $PY linear_eval.py --ckpt "$run/checkpoint.pt" "${EVAL[@]}" "${LINEAR[@]}" \
+      --json "$run/linear.json"
+  done
+done
+
+# --- the table: one row per network and recipe, from the JSON files the stages wrote ----------------------------
+$PY - "$PRESET" "$RUNS" "$OUT" "$((SECONDS - START))" "${ARCHS[@]}" <<'EOF'
+import csv, json, os, platform, sys
+
+import torch
+
+preset, runs, out, seconds, archs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:]
+load = lambda path: json.load(open(path))
+knn200 = lambda r: next(x["top1"] for x in r["knn"] if x["k"] == 200)
+rows, eval_s = [], 0.0
+for arch in archs:
+    ref = load(f"{out}/{arch}_random_knn.json")
+    eval_s += ref["seconds"]
+    for recipe in ("baseline", "small"):
+        run = f"{runs}/{arch}_{recipe}"
+        summary, knn, linear = load(f"{run}/summary.json"), load(f"{run}/knn.json"), load(f"{run}/linear.json")
+        diag = knn["diagnostics"]
+        eval_s += knn["seconds"] + linear["seconds"]
+        rows.append({"arch": arch, "recipe": recipe, "backbone_params": summary["backbone_params"],
+                     "epochs": summary["epochs"], "knn200_random": knn200(ref), "knn200": knn200(knn),
+                     "knn200_gain": knn200(knn) - knn200(ref), "linear_top1": linear["best_top1"],
+                     "linear_protocol": linear["protocol"], "alignment": diag["alignment"],
+                     "uniformity": diag["uniformity"], "images_per_s": summary["images_per_s"],
+                     "pretrain_min": summary["wall_s"] / 60, "device": summary["device"]})
+with open(f"{out}/results.csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+pretrain_s = sum(r["pretrain_min"] * 60 for r in rows)
+machine = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.processor() or 'CPU'}, {os.cpu_count()} cores"
+lines = [f"# run_all.sh {preset}: results", "",
+         f"Machine: {machine}; torch {torch.__version__}. Time, summed over the stages (resumed runs included): "
+         f"{(pretrain_s + eval_s) / 60:.1f} min = pretraining {pretrain_s / 60:.1f} + evaluation {eval_s / 60:.1f}; "
+         f"this invocation of run_all.sh: {seconds / 60:.1f} min.",
+         f"kNN: weighted, k=200, T 0.1, backbone features; random init = the same network untrained. "
+         f"Linear: {rows[0]['linear_protocol']}.", "",
+         "| network | recipe | params | epochs | kNN random init | kNN learned | gain | linear top-1 | alignment "
+         "| uniformity | img/s | pretrain min |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+for r in rows:
+    lines.append(f"| {r['arch']} | {r['recipe']} | {r['backbone_params'] / 1e6:.2f}M | {r['epochs']:g} | "
+                 f"{r['knn200_random']:.2f} | {r['knn200']:.2f} | {r['knn200_gain']:+.2f} | {r['linear_top1']:.2f} | "
+                 f"{r['alignment']:.3f} | {r['uniformity']:.3f} | {r['images_per_s']:.0f} | {r['pretrain_min']:.1f} |")
+open(f"{out}/RESULTS.md", "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+try:  # the figure is optional: the study never needs matplotlib
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+except ImportError:
+    sys.exit(0)
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+for i, recipe in enumerate(("baseline", "small")):
+    sel = [r for r in rows if r["recipe"] == recipe]
+    ax1.bar([j + 0.4 * i for j in range(len(sel))], [r["knn200"] for r in sel], 0.4, label=recipe)
+ax1.scatter(range(len(archs)), [r["knn200_random"] for r in rows[::2]], color="k", marker="_", s=400,
+            label="random init", zorder=3)
+ax1.set_xticks([j + 0.2 for j in range(len(archs))], archs, rotation=20)
+ax1.set_ylabel("kNN top-1 (%)")
+ax1.legend()
+for r in rows:
+    log = [json.loads(line) for line in open(f"{runs}/{r['arch']}_{r['recipe']}/log.jsonl")]
+    pts = [(x["step"], x["loss"]) for x in log if "loss" in x]
+    ax2.plot(*zip(*pts), label=f"{r['arch']} {r['recipe']}", ls="-" if r["recipe"] == "small" else "--")
+ax2.set_xlabel("step")
+ax2.set_ylabel("training loss")
+ax2.legend(fontsize=6)
+fig.tight_layout()
+fig.savefig(f"{out}/results.png", dpi=120)
+print(f"figure: {out}/results.png")
+EOF

@@ -1,0 +1,75 @@
+"""run_all.sh, end to end on its `smoke` preset (synthetic images, a few steps, one network): the stages chain, the
+table is written, a finished study is skipped on rerun, and a failing stage stops the study without a table."""
+import csv
+import os
+import shutil
+import subprocess
+
+import pytest
+
+import pretrain
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def study(tmp_path, preset="smoke"):
+    env = {**os.environ, "ARCHS": "mobilenetv3_small", "STUDY_DIR": str(tmp_path)}
+    return subprocess.run(["bash", "run_all.sh", preset], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("study")
+    return tmp_path, study(tmp_path)
+
+
+def test_the_study_writes_one_row_per_recipe(finished):
+    tmp_path, proc = finished
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "results" / "smoke"
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["arch"], r["recipe"]) for r in rows] == [("mobilenetv3_small", "baseline"),
+                                                        ("mobilenetv3_small", "small")]
+    for r in rows:
+        assert float(r["knn200_gain"]) == pytest.approx(float(r["knn200"]) - float(r["knn200_random"]), abs=1e-6)
+        assert 0 <= float(r["linear_top1"]) <= 100 and float(r["images_per_s"]) > 0
+    table = (out / "RESULTS.md").read_text()
+    assert "| mobilenetv3_small | small | 1.52M |" in table
+    assert table.strip().splitlines()[-1] in proc.stdout  # the table is printed at the end
+
+
+def test_the_two_recipes_differ_as_the_script_says(finished):
+    tmp_path, _ = finished
+    runs = tmp_path / "runs" / "smoke"
+    base = pretrain.read_checkpoint(str(runs / "mobilenetv3_small_baseline" / "checkpoint.pt"))["args"]
+    small = pretrain.read_checkpoint(str(runs / "mobilenetv3_small_small" / "checkpoint.pt"))["args"]
+    assert (base["smooth"], base["moco_t"], base["mlp_hidden"]) == (0.0, 0.2, 0)
+    assert (small["smooth"], small["moco_t"], small["mlp_hidden"], small["smooth_k"]) == (0.1, 0.1, 2048, 10)
+
+
+def test_a_rerun_skips_finished_stages(finished):
+    tmp_path, first = finished
+    ckpt = tmp_path / "runs" / "smoke" / "mobilenetv3_small_small" / "checkpoint.pt"
+    before = ckpt.stat().st_mtime_ns
+    proc = study(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "steps/epoch" not in proc.stdout and "kNN top-1" not in proc.stdout  # nothing trained or evaluated
+    assert ckpt.stat().st_mtime_ns == before
+    assert (tmp_path / "results" / "smoke" / "RESULTS.md").exists()
+
+
+def test_a_failing_stage_stops_the_study_without_a_table(finished, tmp_path):
+    shutil.copytree(finished[0], tmp_path, dirs_exist_ok=True)
+    run = tmp_path / "runs" / "smoke" / "mobilenetv3_small_small"
+    (run / "knn.json").unlink()
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    proc = study(tmp_path)
+    assert proc.returncode != 0
+    assert "checkpoint" in proc.stderr
+    assert not (tmp_path / "results" / "smoke" / "RESULTS.md").exists()
+
+
+def test_an_unknown_preset_is_refused(tmp_path):
+    proc = study(tmp_path, "tiny")
+    assert proc.returncode == 2 and "unknown preset 'tiny'" in proc.stderr
