@@ -142,6 +142,23 @@ def extract_features(model, data, img_size, batch_size=256, device="cpu", worker
     return torch.cat(feats), torch.cat(labels)
 
 
+@torch.no_grad()
+def reestimate_bn(model, data, img_size, batch_size=256, device="cpu", workers=0):
+    """Set every BatchNorm layer's running statistics to the average of its batch statistics over data's images under
+    the evaluation transform; no weight changes. Returns the model in eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches
+    model.train()
+    for x, _ in eval_loader(data, img_size, batch_size, workers, device):
+        model(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return model.eval()
+
+
 def knn_monitor(backbone, train_data, test_data, img_size, device, k=200, t=0.1):
     """Weighted-kNN top-1 % of test_data against a bank of train_data (pretrain.py's monitor)."""
     bank, bank_labels = extract_features(backbone, train_data, img_size, device=device)
@@ -267,9 +284,13 @@ def get_args(argv=None):
     a("--diag-per-class", type=int, default=50, help="training images per class for the diagnostics")
     a("--diag-aug", choices=AUGS, default=None, help="views for the diagnostics; default: the checkpoint's --aug, "
                                                       "else mocov2")
+    a("--reestimate-bn", action="store_true", help="with --random-init: first set the BN running statistics to "
+                                                   "those of the training images (no learning)")
     a("--chunk", type=int, default=1024, help="query rows of the similarity matrix held at a time")
     a("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
+    if args.reestimate_bn and not args.random_init:
+        raise SystemExit("--reestimate-bn is a reference for --random-init; a checkpoint keeps its own statistics.")
     if min(args.k) < 1 or args.t <= 0 or args.chunk < 1 or args.diag_per_class < 2:
         raise SystemExit("--k and --chunk must be at least 1, --t positive and --diag-per-class at least 2.")
     return args
@@ -286,15 +307,18 @@ def main(argv=None):
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     train = load_data(args.data, "train", args.data_dir, args.subset, args.seed)
     test = load_data(args.data, "test", args.data_dir, args.test_subset, args.seed)
+    if args.reestimate_bn:
+        reestimate_bn(model, train, args.img_size, args.batch_size, device, args.workers)
     bank, bank_labels = (t.to(device) for t in extract_features(model, train, args.img_size, args.batch_size, device,
                                                                  args.workers))
     query, labels = (t.to(device) for t in extract_features(model, test, args.img_size, args.batch_size, device,
                                                             args.workers))
     dim = bank.shape[1]
     results = {"protocol": "knn", **settings(args, device, dim, train.num_classes), "features": args.features,
-               "n_bank": len(bank), "n_query": len(query), "t": args.t, "knn": [], "best_nn": None,
+               "reestimate_bn": args.reestimate_bn, "n_bank": len(bank), "n_query": len(query), "t": args.t, "knn": [], "best_nn": None,
                "diagnostics": None}
-    print(f"{args.arch} ({'random init' if args.random_init else args.ckpt}), {args.features} features d={dim}, "
+    name = "random init" + (", BN statistics of the data" if args.reestimate_bn else "")
+    print(f"{args.arch} ({name if args.random_init else args.ckpt}), {args.features} features d={dim}, "
           f"{args.data} at {args.img_size} px: bank {len(bank)}, queries {len(query)}")
     print(f"{'protocol':<22}{'k':>5}{'top-1':>8}{'top-5':>8}")
     normed_bank, normed_query = F.normalize(bank, dim=1), F.normalize(query, dim=1)

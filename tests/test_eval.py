@@ -12,6 +12,7 @@ import linear_eval
 import models
 from knn_eval import (alignment, best_nn_accuracies, instance_accuracy, intra_class_alignment, knn_predict,
                       topk_accuracy, uniformity)
+from data import eval_loader, load_data
 from linear_eval import check_backbone_unchanged
 
 FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
@@ -228,6 +229,28 @@ def test_knn_eval_random_init_end_to_end(tmp_path):
     diag = res["diagnostics"]
     assert diag["n_images"] == 50 and diag["aug"] == "mocov2" and 0 <= diag["alignment"] <= 4
     assert -4 <= diag["uniformity"] <= 0 and 0 <= diag["instance_accuracy"] <= 100
+
+
+def test_reestimate_bn_sets_the_statistics_of_the_data_and_nothing_else():
+    torch.manual_seed(0)
+    backbone, _ = models.build_backbone("resnet18")
+    data = load_data("synthetic", "train", subset="48")
+    weights = {k: v.clone() for k, v in backbone.state_dict().items() if "running" not in k and "batches" not in k}
+    knn_eval.reestimate_bn(backbone, data, 32, batch_size=64)  # one batch: the statistics of all 48 images
+    x = torch.cat([x for x, _ in eval_loader(data, 32, 64)])
+    stem = backbone.conv1(x)  # the first BN layer's input, computed independently
+    assert torch.allclose(backbone.bn1.running_mean, stem.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(backbone.bn1.running_var, stem.var((0, 2, 3), unbiased=True), rtol=1e-4)
+    assert not backbone.training and backbone.bn1.momentum == 0.1  # eval mode, the layer's momentum restored
+    assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in weights.items())
+
+
+def test_knn_eval_reestimated_reference(tmp_path):
+    plain = knn_eval.main(["--arch", "mobilenetv3_small", "--random-init", *SMALL, "--k", "20"])
+    bn = knn_eval.main(["--arch", "mobilenetv3_small", "--random-init", "--reestimate-bn", *SMALL, "--k", "20"])
+    assert bn["reestimate_bn"] and not plain["reestimate_bn"] and bn["knn"] != plain["knn"]
+    with pytest.raises(SystemExit, match="reference for --random-init"):
+        knn_eval.main(["--arch", "mobilenetv3_small", "--reestimate-bn", "--ckpt", "x.pt"])
 
 
 def test_knn_eval_checkpoint_end_to_end(checkpoint, tmp_path):
