@@ -1,6 +1,7 @@
 """run_all.sh, end to end on its `smoke` preset (synthetic images, a few steps, one network): the stages chain, the
 table is written, a finished study is skipped on rerun, and a failing stage stops the study without a table."""
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -34,6 +35,8 @@ def test_the_study_writes_one_row_per_recipe(finished):
     for r in rows:
         assert float(r["knn200_gain"]) == pytest.approx(float(r["knn200"]) - float(r["knn200_random"]), abs=1e-6)
         assert 0 <= float(r["linear_top1"]) <= 100 and float(r["images_per_s"]) > 0
+        ref_bn = json.load(open(out / "mobilenetv3_small_random_bn_knn.json"))
+        assert ref_bn["reestimate_bn"] and float(r["knn200_random_bn"]) == ref_bn["knn"][1]["top1"]
     table = (out / "RESULTS.md").read_text()
     assert "| mobilenetv3_small | small | 1.52M |" in table
     assert table.strip().splitlines()[-1] in proc.stdout  # the table is printed at the end
