@@ -315,8 +315,8 @@ def main(argv=None):
                                                             args.workers))
     dim = bank.shape[1]
     results = {"protocol": "knn", **settings(args, device, dim, train.num_classes), "features": args.features,
-               "reestimate_bn": args.reestimate_bn, "n_bank": len(bank), "n_query": len(query), "t": args.t, "knn": [], "best_nn": None,
-               "diagnostics": None}
+               "reestimate_bn": args.reestimate_bn, "n_bank": len(bank), "n_query": len(query), "t": args.t,
+               "knn": [], "best_nn": None, "diagnostics": None}
     name = "random init" + (", BN statistics of the data" if args.reestimate_bn else "")
     print(f"{args.arch} ({name if args.random_init else args.ckpt}), {args.features} features d={dim}, "
           f"{args.data} at {args.img_size} px: bank {len(bank)}, queries {len(query)}")

@@ -339,7 +339,7 @@ def main(argv=None):
         if master:
             if not os.path.exists(summary_path):  # killed between the last checkpoint and the summary
                 knn_logged = [r["knn_top1"] for r in map(json.loads, open(log_path)) if "knn_top1" in r]
-                write_summary(ckpt["wall_s"], ckpt["images_per_s"], (knn_logged or [None])[-1], step)
+                write_summary(wall_before, ckpt["images_per_s"], (knn_logged or [None])[-1], step)
             print(f"{args.out} is complete ({step} steps); nothing to do.")
         return raw
     knn_top1 = knn(0) if step == 0 else None
