@@ -316,10 +316,10 @@ def load_pretrained(path, encoder="query"):
 # ---------------------------------------------------------------------------------------------------------------
 
 class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm over `num_splits` groups of the batch (sample i in group i % num_splits) in training: emulates
-    the per-GPU BN of a multi-GPU run on one device, so shuffled keys can't share statistics with their queries.
-    Takes [N, C] (the head) or [N, C, H, W] (the backbone). State-dict keys are BatchNorm's, so weights trained
-    with split BN load into plain BN and back."""
+    """BatchNorm over `num_splits` equal consecutive groups of the batch in training: emulates the per-GPU BN of a
+    multi-GPU run on one device, so shuffled keys can't share statistics with their queries. Takes [N, C] (the
+    head) or [N, C, H, W] (the backbone). The running statistics move by the mean of the groups' updates. State-dict
+    keys are BatchNorm's, so weights trained with split BN load into plain BN and back."""
 
     def __init__(self, num_features, num_splits, **kwargs):
         super().__init__(num_features, **kwargs)
@@ -332,19 +332,20 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x):
         if not self.training:
             return super().forward(x)
-        n, c = x.shape[:2]
-        s = self.num_splits
-        if n % s:
-            raise ValueError(f"batch of {n} does not split into {s} BN groups")
-        mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
-        # group g's channels become channels g*c .. g*c + c - 1 of one batch of n / s samples; reshape, not view:
-        # channels_last inputs are not contiguous in this layout
-        out = F.batch_norm(x.reshape(n // s, c * s, *x.shape[2:]), mean, var, self.weight.repeat(s),
-                           self.bias.repeat(s), True, self.momentum, self.eps).reshape(x.shape)
-        self.running_mean.copy_(mean.view(s, c).mean(0))
-        self.running_var.copy_(var.view(s, c).mean(0))
+        if x.shape[0] % self.num_splits:
+            raise ValueError(f"batch of {x.shape[0]} does not split into {self.num_splits} BN groups")
+        # one plain batch_norm per group: consecutive groups are views in either memory format (channels_last
+        # included), which profiles faster on a CPU than folding the groups into the channel dimension
+        outs, means, variances = [], [], []
+        for group in x.chunk(self.num_splits):
+            mean, var = self.running_mean.clone(), self.running_var.clone()
+            outs.append(F.batch_norm(group, mean, var, self.weight, self.bias, True, self.momentum, self.eps))
+            means.append(mean)
+            variances.append(var)
+        self.running_mean.copy_(torch.stack(means).mean(0))
+        self.running_var.copy_(torch.stack(variances).mean(0))
         self.num_batches_tracked.add_(1)
-        return out
+        return torch.cat(outs)
 
 
 def split_batchnorm(module, num_splits):
