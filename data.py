@@ -327,6 +327,11 @@ def eval_transform(img_size, mean, std):
                       T.Normalize(mean, std)])
 
 
+class UnreadableImage(ValueError):
+    """An image file PIL cannot read. An Exception, not SystemExit: a DataLoader worker hands Exceptions to the main
+    process (SystemExit would only kill the worker), and exit_on_unreadable_image turns it into one sentence there."""
+
+
 def pil_image(data, i):
     if data.images is not None:
         return Image.fromarray(data.images[i].permute(1, 2, 0).cpu().numpy())
@@ -335,7 +340,16 @@ def pil_image(data, i):
         with Image.open(path) as img:
             return img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise SystemExit(f"cannot read the image {path} ({e}): replace or delete the file.")
+        raise UnreadableImage(f"cannot read the image {path} ({e}): replace or delete the file.") from None
+
+
+def exit_on_unreadable_image(main):
+    """Run a script's main(); an unreadable image, in this process or in a DataLoader worker (whose error arrives
+    with the worker's traceback in its message), ends the run with the one sentence that names the file."""
+    try:
+        main()
+    except UnreadableImage as e:
+        raise SystemExit(str(e).strip().splitlines()[-1].split("UnreadableImage: ", 1)[-1]) from None
 
 
 class TwoViewDataset(torch.utils.data.Dataset):

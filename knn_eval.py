@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import models
-from data import (AUGS, DATASETS, BatchedAugment, TwoViewDataset, default_img_size, eval_loader, load_data,
-                  view_transform)
+from data import (AUGS, DATASETS, BatchedAugment, TwoViewDataset, default_img_size, eval_loader,
+                  exit_on_unreadable_image, load_data, view_transform)
 
 BEST_NN_KS = tuple(range(1, 102, 2))
 
@@ -352,4 +352,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_unreadable_image(main)

@@ -213,4 +213,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    data.exit_on_unreadable_image(main)

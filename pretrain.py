@@ -397,6 +397,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    data.exit_on_unreadable_image(main)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -4,6 +4,8 @@ import os
 import pickle
 import re
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from PIL import Image
 
 import data
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_MNIST = os.path.join(data.FASHION_MNIST_SYSTEM_DIR, "t10k-images-idx3-ubyte.gz")
 
 
@@ -191,6 +194,20 @@ def test_imagefolder_reads_class_folders_lazily(tmp_path):
     expected = torch.stack([data.eval_transform(24, d.mean, d.std)(Image.open(p).convert("RGB"))
                             for p in test.paths])
     assert x.shape == (4, 3, 24, 24) and torch.equal(x, expected) and y.tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_unreadable_image_ends_a_script_with_one_sentence(tmp_path, workers):
+    """In the main process or in a DataLoader worker, a broken file stops the run with the sentence naming it."""
+    fake_imagefolder(tmp_path)
+    broken = tmp_path / "train" / "dog" / "c.png"
+    broken.write_bytes(b"not an image")
+    cmd = [sys.executable, "knn_eval.py", "--arch", "mobilenetv3_small", "--random-init", "--data", "imagefolder",
+           "--data-dir", str(tmp_path), "--img-size", "24", "--k", "2", "--workers", str(workers)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert re.fullmatch(rf"cannot read the image {re.escape(str(broken))} \(.+\): replace or delete the file\.\n",
+                        proc.stderr)
 
 
 def test_imagefolder_bad_data_exits_naming_it(tmp_path):
