@@ -9,7 +9,7 @@
 #   STUDY_DIR=/scratch bash run_all.sh                        runs/ and results/ go there (default: here)
 #
 #   preset    data                             pretraining                         expected cost
-#   demo      embedded Fashion-MNIST, 20k      28 px, ImageNet stem, 6 epochs      about 70 min on a 2-core CPU
+#   demo      embedded Fashion-MNIST, 20k      28 px, ImageNet stem, 6 epochs      55-75 min on a 2-core CPU
 #   fmnist    Fashion-MNIST, 60k               28 px, small stem, 200 epochs       hours on one GPU
 #   cifar10   CIFAR-10 (DATA_DIR)              32 px, small stem, 200 epochs       hours on one GPU
 #   imagenet  ImageFolder train/ val/ (DATA_DIR) 224 px, 200 epochs, 8 GPUs        days on 8 GPUs
