@@ -93,6 +93,10 @@ def read_checkpoint(path):
                          f"corrupt: move it away or choose another --out.")
     if not isinstance(ckpt, dict) or not {"args", "model", "optimizer", "step"} <= ckpt.keys():
         raise SystemExit(f"{path} is not a pretrain.py checkpoint: move it away or choose another --out.")
+    missing = sorted({"scaler", "rng", "wall_s", "images_per_s"} - ckpt.keys())  # what resuming reads besides
+    if missing:
+        raise SystemExit(f"{path} was written by an older pretrain.py (it lacks {', '.join(missing)}) and cannot be "
+                         f"resumed; the evaluation scripts still read it: move it away or choose another --out.")
     return ckpt
 
 

@@ -153,6 +153,13 @@ def test_bad_inputs_end_with_one_sentence_and_keep_the_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="trained with --arch mobilenetv3_small, not resnet18"):
         pretrain.main(TINY + ["--out", out, "--resume", "--arch", "resnet18"])
     assert open(ckpt, "rb").read() == original
+    saved = torch.load(ckpt, weights_only=True)
+    del saved["wall_s"], saved["images_per_s"]  # as an earlier pretrain.py wrote it
+    torch.save(saved, ckpt)
+    older = open(ckpt, "rb").read()
+    with pytest.raises(SystemExit, match="written by an older pretrain.py \\(it lacks images_per_s, wall_s\\)"):
+        run(tmp_path, "--aug-backend", "batched", "--resume")
+    assert open(ckpt, "rb").read() == older
     with open(ckpt, "wb") as f:
         f.write(original[: len(original) // 2])
     with pytest.raises(SystemExit, match="not a readable checkpoint"):
