@@ -92,5 +92,6 @@ def distill_loss(student, teacher):
 
 @torch.no_grad()
 def contrastive_accuracy(q, k, queue):
-    """How often the positive key is the most similar of the 1 + K candidates (instance discrimination, %)."""
-    return (moco_logits(q, k, queue, 1.0).argmax(dim=1) == 0).float().mean().item() * 100
+    """How often the positive key is the most similar of the 1 + K candidates (instance discrimination, %), as a
+    0-dim tensor on q's device (no host synchronisation: the training loop averages it over a logging interval)."""
+    return (moco_logits(q, k, queue, 1.0).argmax(dim=1) == 0).float().mean() * 100

@@ -23,6 +23,8 @@ from knn_eval import knn_monitor, write_json
 from losses import SMOOTH_MODES, SMOOTH_SCHEDULES, contrastive_accuracy, distill_loss, smooth_eps, soft_info_nce
 from models import ARCHS, MoCo, concat_all_gather, load_pretrained
 
+# 2: --lr is a rate per 256 images (version 1 stored the peak rate itself); resuming needs the same version
+CHECKPOINT_VERSION = 2
 # flags that may change when a run is resumed; every other flag must equal the checkpoint's
 RUN_CONTROL = {"out", "resume", "data_dir", "workers", "device", "max_steps", "knn_every", "knn_subset",
                "log_every", "compile"}
@@ -57,7 +59,8 @@ def get_args(argv=None):
     a("--workers", type=int, default=4, help="DataLoader workers (torchvision backend)")
     a("--epochs", type=int, default=200)
     a("--batch-size", type=int, default=256, help="global batch over all processes")
-    a("--lr", type=float, default=0.03)
+    a("--lr", type=float, default=0.03, help="base learning rate per 256 images: the peak rate is lr x "
+      "batch-size / 256 (linear scaling), so 0.03 gives MoCo-v2's 0.03 at 256 and 0.06 at 512")
     a("--wd", type=float, default=1e-4)
     a("--warmup-epochs", type=float, default=0.0, help="linear lr warm-up, then cosine decay to 0")
     a("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0 = all epochs)")
@@ -73,6 +76,11 @@ def get_args(argv=None):
     a("--out", default="runs/pretrain")
     a("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists")
     return p.parse_args(argv)
+
+
+def peak_lr(args):
+    """The linear scaling rule (Goyal et al.; MoCo v3): --lr is the rate for a global batch of 256 images."""
+    return args.lr * args.batch_size / 256
 
 
 def lr_at(step, total_steps, warmup_steps, base_lr):
@@ -93,10 +101,10 @@ def read_checkpoint(path):
                          f"corrupt: move it away or choose another --out.")
     if not isinstance(ckpt, dict) or not {"args", "model", "optimizer", "step"} <= ckpt.keys():
         raise SystemExit(f"{path} is not a pretrain.py checkpoint: move it away or choose another --out.")
-    missing = sorted({"scaler", "rng", "wall_s", "images_per_s"} - ckpt.keys())  # what resuming reads besides
-    if missing:
-        raise SystemExit(f"{path} was written by an older pretrain.py (it lacks {', '.join(missing)}) and cannot be "
-                         f"resumed; the evaluation scripts still read it: move it away or choose another --out.")
+    if ckpt.get("version", 1) != CHECKPOINT_VERSION:
+        raise SystemExit(f"{path} was written by another version of pretrain.py (checkpoint version "
+                         f"{ckpt.get('version', 1)}, this one writes {CHECKPOINT_VERSION}) and cannot be resumed; the "
+                         f"evaluation scripts still read it: move it away or choose another --out.")
     return ckpt
 
 
@@ -150,6 +158,12 @@ def epoch_batches(train, args, epoch, start, rank, world, device, transform, aug
         yield x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
 
 
+def duration(seconds):
+    """H:MM:SS, with days in front past 24 h: 1d 01:18:36."""
+    days, rest = divmod(round(seconds), 86400)
+    return (f"{days}d " if days else "") + f"{rest // 3600:02d}:{rest // 60 % 60:02d}:{rest % 60:02d}"
+
+
 def check_finite(loss_sum, step, out):
     if not math.isfinite(loss_sum):
         raise SystemExit(f"the loss became {loss_sum} before step {step}; stopped without saving, so the last "
@@ -178,7 +192,7 @@ def build(args, device):
     the autocast context for --amp on this device."""
     raw = MoCo(args.arch, args.small_stem, args.moco_dim, args.mlp_hidden, args.moco_k, args.bn_splits,
                args.symmetric, args.head_bn)
-    optimizer = torch.optim.SGD(raw.encoder_q.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
+    optimizer = torch.optim.SGD(raw.encoder_q.parameters(), lr=peak_lr(args), momentum=0.9, weight_decay=args.wd)
     if device.type == "cuda" and args.amp != "off":
         fp16 = args.amp == "fp16" or (args.amp == "auto" and not torch.cuda.is_bf16_supported())
         amp_dtype = torch.float16 if fp16 else torch.bfloat16
@@ -192,13 +206,14 @@ def build(args, device):
 
 
 def train_step(model, raw, x1, x2, optimizer, scaler, autocast, args, step, total_steps, warmup_steps,
-               teacher=None, want_acc=False):
+               teacher=None):
     """One MoCo step: lr and eps for this step, query and key embeddings, the (softened) InfoNCE against the queue,
-    SGD, then this batch's keys (from every rank) join the queue. Returns (loss tensor, accuracy % or None)."""
+    SGD, then this batch's keys (from every rank) join the queue. Returns the loss and the pretext accuracy (%, how
+    often q1's positive key beats all K queue entries), both as detached 0-dim tensors."""
     if args.channels_last:
         x1, x2 = x1.contiguous(memory_format=torch.channels_last), x2.contiguous(memory_format=torch.channels_last)
     for group in optimizer.param_groups:
-        group["lr"] = lr_at(step, total_steps, warmup_steps, args.lr)
+        group["lr"] = lr_at(step, total_steps, warmup_steps, peak_lr(args))
     eps = smooth_eps(args.smooth, args.smooth_schedule, step, total_steps, warmup_steps)
     with autocast:
         q1, q2, k1, k2 = model(x1, x2, momentum_at(step, total_steps, args.moco_m, args.moco_m_cos),
@@ -217,7 +232,7 @@ def train_step(model, raw, x1, x2, optimizer, scaler, autocast, args, step, tota
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    acc = contrastive_accuracy(q1.detach(), k2, raw.queue) if want_acc else None  # before the keys join the queue
+    acc = contrastive_accuracy(q1.detach(), k2, raw.queue)  # before the keys join the queue
     # the queue changes only after the loss used it; keys from every rank, in rank order
     raw.enqueue(concat_all_gather(torch.cat([k2, k1]) if args.symmetric else k2))
     return loss.detach(), acc
@@ -348,40 +363,47 @@ def main(argv=None):
         return raw
     knn_top1 = knn(0) if step == 0 else None
     resumed_at = step
-    start_time = t0 = time.time()
-    paused = 0.0
-    run_loss, interval_steps, images_seen = torch.zeros((), device=device), 0, 0
+    start_time = time.time()
+    paused = 0.0  # seconds spent on checkpoints and kNN: they count neither towards images/s nor the ETA
+    interval, epoch_sum = torch.zeros(2, device=device), torch.zeros(2, device=device)  # summed loss, pretext acc
+    interval_steps, epoch_steps, images_seen = 0, 0, 0
     while step < last_step:
         epoch = step // steps_per_epoch
         for x1, x2 in epoch_batches(train, args, epoch, step % steps_per_epoch, rank, world, device, transform,
                                     aug_gen):
-            log_now = (step + 1) % args.log_every == 0 or step + 1 == last_step
             loss, acc = train_step(model, raw, x1, x2, optimizer, scaler, autocast, args, step, total_steps,
-                                   warmup_steps, teacher, want_acc=log_now)
+                                   warmup_steps, teacher)
             step += 1
-            interval_steps += 1
-            images_seen += args.batch_size
-            run_loss += loss.detach()
-            if log_now:
-                mean_loss = run_loss.item() / interval_steps
+            interval_steps, epoch_steps, images_seen = interval_steps + 1, epoch_steps + 1, images_seen + args.batch_size
+            interval += torch.stack([loss, acc])  # no host sync here: the means are read once per interval
+            if step % args.log_every == 0 or step == last_step:
+                mean_loss, mean_acc = (interval / interval_steps).tolist()
+                check_finite(mean_loss, step, args.out)
                 lr = optimizer.param_groups[0]["lr"]
                 eps = smooth_eps(args.smooth, args.smooth_schedule, step - 1, total_steps, warmup_steps)
-                check_finite(mean_loss, step, args.out)
-                dt = time.time() - t0
-                speed = interval_steps * args.batch_size / dt
-                eta = (last_step - step) * dt / interval_steps
-                log({"epoch": epoch, "step": step, "loss": mean_loss, "acc": acc, "lr": lr, "eps": eps,
+                training_s = time.time() - start_time - paused
+                speed = images_seen / training_s  # this session's mean: steadier than the last interval's
+                log({"epoch": epoch, "step": step, "loss": mean_loss, "acc": mean_acc, "lr": lr, "eps": eps,
                      "img_per_s": speed})
                 if master:
                     print(f"epoch {epoch + 1}/{args.epochs} step {step}/{last_step} loss {mean_loss:.4f} "
-                          f"acc {acc:5.1f}% lr {lr:.4f} eps {eps:.3f} {speed:6.0f} img/s "
-                          f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
-                run_loss.zero_()
-                interval_steps, t0 = 0, time.time()
+                          f"acc {mean_acc:5.1f}% lr {lr:.4f} eps {eps:.3f} {speed:6.0f} img/s "
+                          f"eta {duration((last_step - step) * args.batch_size / speed)}", flush=True)
+                epoch_sum += interval
+                interval.zero_()
+                interval_steps = 0
             if step == last_step:
                 break
         pause = time.time()
-        check_finite(run_loss.item(), step, args.out)
+        epoch_sum += interval
+        interval.zero_()
+        epoch_loss, epoch_acc = (epoch_sum / max(1, epoch_steps)).tolist()
+        check_finite(epoch_loss, step, args.out)
+        if step % steps_per_epoch == 0:  # the health curve: pretext accuracy and loss averaged over the epoch
+            log({"epoch": step // steps_per_epoch, "step": step, "epoch_loss": epoch_loss, "epoch_acc": epoch_acc,
+                 "epoch_steps": epoch_steps})
+        epoch_sum.zero_()
+        epoch_steps = interval_steps = 0
         if step % steps_per_epoch == 0 and knn_sets is not None and (step // steps_per_epoch) % args.knn_every == 0:
             knn_top1 = knn(step // steps_per_epoch)
         states = rng_states(aug_gen)
@@ -389,9 +411,9 @@ def main(argv=None):
             save_atomic({"args": vars(args), "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "epoch": step // steps_per_epoch, "step": step,
                          "rng": states, "wall_s": wall_before + time.time() - start_time,
-                         "images_per_s": images_seen / (pause - start_time - paused), "version": 1}, ckpt_path)
-        paused += time.time() - pause  # checkpoints and kNN do not count towards images/s
-        t0 += time.time() - pause
+                         "images_per_s": images_seen / (pause - start_time - paused),
+                         "version": CHECKPOINT_VERSION}, ckpt_path)
+        paused += time.time() - pause
 
     wall = time.time() - start_time
     if master:

@@ -129,6 +129,6 @@ def test_distill_loss_is_summed_squared_distance_of_normalised_embeddings():
 
 def test_contrastive_accuracy():
     q, _, queue = embeddings()
-    assert contrastive_accuracy(q, q, queue) == 100.0  # a key identical to its query always wins
-    assert contrastive_accuracy(q, -q, queue) == 0.0
-    assert math.isclose(contrastive_accuracy(q[:2], torch.stack([q[0], -q[1]]), queue), 50.0)
+    assert contrastive_accuracy(q, q, queue).item() == 100.0  # a key identical to its query always wins
+    assert contrastive_accuracy(q, -q, queue).item() == 0.0
+    assert math.isclose(contrastive_accuracy(q[:2], torch.stack([q[0], -q[1]]), queue).item(), 50.0)

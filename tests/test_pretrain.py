@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -134,7 +135,14 @@ def test_run_writes_checkpoint_log_and_summary(tmp_path):
     assert torch.equal(ckpt["model"]["queue"], model.queue)
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [r["epoch"] for r in log if "knn_top1" in r] == [0, 1, 2]
-    assert all({"loss", "acc", "lr", "eps", "img_per_s"} <= r.keys() for r in log if "knn_top1" not in r)
+    steps = [r for r in log if "loss" in r]
+    assert steps and all({"acc", "lr", "eps", "img_per_s"} <= r.keys() for r in steps)
+    epochs = [r for r in log if "epoch_acc" in r]
+    assert [(r["epoch"], r["step"], r["epoch_steps"]) for r in epochs] == [(1, 4, 4), (2, 8, 4)]
+    for r in epochs:  # the epoch's means are the means of its logged intervals (2 steps each here)
+        inside = [x for x in steps if r["step"] - 4 < x["step"] <= r["step"]]
+        assert math.isclose(r["epoch_acc"], sum(x["acc"] for x in inside) / 2, abs_tol=1e-4)
+        assert math.isclose(r["epoch_loss"], sum(x["loss"] for x in inside) / 2, rel_tol=1e-5)
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["knn_top1"] == log[-1]["knn_top1"] and summary["images_per_s"] > 0
     # killed after the last checkpoint but before the summary: a rerun writes it from the checkpoint
@@ -154,10 +162,10 @@ def test_bad_inputs_end_with_one_sentence_and_keep_the_checkpoint(tmp_path):
         pretrain.main(TINY + ["--out", out, "--resume", "--arch", "resnet18"])
     assert open(ckpt, "rb").read() == original
     saved = torch.load(ckpt, weights_only=True)
-    del saved["wall_s"], saved["images_per_s"]  # as an earlier pretrain.py wrote it
+    saved["version"] = 1  # as an earlier pretrain.py wrote it (--lr was the peak rate then)
     torch.save(saved, ckpt)
     older = open(ckpt, "rb").read()
-    with pytest.raises(SystemExit, match="written by an older pretrain.py \\(it lacks images_per_s, wall_s\\)"):
+    with pytest.raises(SystemExit, match="checkpoint version 1, this one writes 2\\) and cannot be resumed"):
         run(tmp_path, "--aug-backend", "batched", "--resume")
     assert open(ckpt, "rb").read() == older
     with open(ckpt, "wb") as f:
