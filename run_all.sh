@@ -1,32 +1,85 @@
 #!/usr/bin/env bash
 # The whole study: for each of the five networks, MoCo-v2 pretraining with the baseline recipe and with the
 # small-model recipe (softened InfoNCE), then weighted kNN (with the random-init reference and the diagnostics) and
-# linear evaluation; a results table at the end.
+# linear evaluation; a results table at the end. It sets up what it needs first (see "set-up" below).
 #
-#   bash run_all.sh [PRESET] [DATA_DIR]       PRESET: demo (default), fmnist, cifar10, imagenet
+#   bash run_all.sh                           the demo on a CPU, the fmnist study where there is a GPU
+#   bash run_all.sh [PRESET] [DATA_DIR]       PRESET: demo, fmnist, cifar10, imagenet, smoke
+#   bash run_all.sh tests [PYTEST ARGS]       the test suite (after the same set-up); e.g. `tests -m slow`
 #   PRESET=cifar10 DATA_DIR=~/data bash run_all.sh
 #   ARCHS="resnet18 mobilenetv3_small" bash run_all.sh       a subset of the networks
 #   STUDY_DIR=/scratch bash run_all.sh                        runs/ and results/ go there (default: here)
+#   PYTHON=/path/to/python bash run_all.sh                    use that interpreter as it is (no set-up)
 #
 #   preset    data                             pretraining                         expected cost
 #   demo      embedded Fashion-MNIST, 20k      28 px, ImageNet stem, 6 epochs      55-75 min on a 2-core CPU
 #   fmnist    Fashion-MNIST, 60k               28 px, small stem, 200 epochs       hours on one GPU
 #   cifar10   CIFAR-10 (DATA_DIR)              32 px, small stem, 200 epochs       hours on one GPU
 #   imagenet  ImageFolder train/ val/ (DATA_DIR) 224 px, 200 epochs, 8 GPUs        days on 8 GPUs
+#   smoke     synthetic images, 64             a few steps; checks the pipeline    about 1 min
 #
 # Every GPU present is used through torchrun; with none, one CPU process. Finished runs are skipped, interrupted
 # ones resumed (pretrain.py --resume), so rerunning the command continues a killed study. Any failing stage stops
 # the study (set -e). Results: results/<preset>/RESULTS.md and results.csv; runs (checkpoints, logs): runs/<preset>/.
 set -euo pipefail
+shopt -s extglob
 cd "$(dirname "$0")"
+DEMO_COST="about 1 h on a 2-core CPU"  # measured: see README, "The demo study"
 
-PRESET=${1:-${PRESET:-demo}}
+# --- set-up: a python with a working torch/torchvision pair, and the embedded data set --------------------------
+# python3 as it is when it imports torch and torchvision (a mismatched pair fails at import); otherwise a
+# project-local .venv with requirements.txt (the pinned pair), made once.
+works() { "$1" -c "import numpy, pytest, torch, torchvision" >/dev/null 2>&1; }
+if [[ -n ${PYTHON:-} ]]; then
+  PY=$PYTHON
+elif [[ -x .venv/bin/python ]] && works .venv/bin/python; then
+  PY=.venv/bin/python
+elif works python3; then
+  PY=python3
+else
+  echo "set-up: python3 has no working torch/torchvision pair; installing requirements.txt into ./.venv (once)"
+  python3 -m venv .venv
+  .venv/bin/python -m pip install --isolated -q -r requirements.txt
+  works .venv/bin/python || { echo "set-up failed: .venv/bin/python cannot import torch and torchvision." >&2; exit 1; }
+  PY=.venv/bin/python
+fi
+# Fashion-MNIST, the embedded data set: Debian's package where apt-get and root are there; otherwise the scripts
+# try torchvision's download into ./data and, failing that, say in one sentence how to get the files.
+FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+if [[ ! -f $FMNIST && ! -d data/FashionMNIST/raw && -z ${DATA_DIR:-} && ${1:-} != @(cifar10|imagenet) ]] \
+   && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  echo "set-up: installing Debian's dataset-fashion-mnist (the embedded data set)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+    || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; } \
+    || echo "set-up: apt-get could not install dataset-fashion-mnist; the scripts will try torchvision's download"
+fi
+if [[ ${1:-} == tests ]]; then
+  shift
+  exec "$PY" -m pytest tests "$@"
+fi
+
+# --- the preset: given, or chosen by the hardware ------------------------------------------------------------
+GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+PRESET=${1:-${PRESET:-}}
+if [[ -z $PRESET ]]; then
+  if (( GPUS )); then
+    PRESET=fmnist
+    echo "run_all.sh: no preset given and $GPUS GPU(s) found, so the fmnist study: 5 networks x 2 recipes on the" \
+         "60k Fashion-MNIST images, small stem, 200 epochs each, then kNN and linear evaluation. This project has" \
+         "not measured it on a GPU yet: each run prints its ETA. Another preset: bash run_all.sh demo|cifar10|imagenet|smoke."
+  else
+    PRESET=demo
+    echo "run_all.sh: no preset given and no GPU found, so the CPU demo: 5 networks x 2 recipes on 20k" \
+         "Fashion-MNIST images at 28 px, then kNN and linear evaluation; $DEMO_COST (measured). Another preset:" \
+         "bash run_all.sh fmnist|cifar10|imagenet|smoke (the first three are sized for GPUs)."
+  fi
+fi
 DATA_DIR=${2:-${DATA_DIR:-}}
 ARCHS=(${ARCHS:-resnet18 resnet34 mobilenetv3_large mobilenetv3_small efficientnet_b0})  # ARCHS="a b": a subset
 STUDY_DIR=${STUDY_DIR:-.}  # where runs/ and results/ go
 RUNS=$STUDY_DIR/runs/$PRESET
 OUT=$STUDY_DIR/results/$PRESET
-PY=${PYTHON:-python3}
 
 # --- presets: data, schedule, and the evaluation budget --------------------------------------------------------
 case $PRESET in
@@ -61,7 +114,7 @@ case $PRESET in
     BASE_LR=0.06; WD=5e-4; WARMUP=0; AUG_BASE=small; AUG_SMALL=small
     EVAL=(--subset 64 --test-subset 32)
     LINEAR=(--cached --epochs 2 --schedule 1) ;;
-  *) echo "unknown preset '$PRESET': choose demo, fmnist, cifar10 or imagenet." >&2; exit 2 ;;
+  *) echo "unknown preset '$PRESET': choose demo, fmnist, cifar10, imagenet or smoke (or tests)." >&2; exit 2 ;;
 esac
 
 # --- the two recipes (SPEC section 6); every flag that differs is spelled out here -----------------------------
@@ -71,7 +124,6 @@ SMALL=(--lr 0.06 --wd $WD --warmup-epochs $WARMUP --moco-t 0.1 --mlp-hidden 2048
 [[ $PRESET == imagenet ]] && BASELINE+=(--batch-size 256) && SMALL+=(--batch-size 512 --symmetric)
 
 # --- launcher: every GPU through torchrun, else one CPU process ---------------------------------------------------
-GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
 if (( GPUS > 1 )); then
   LAUNCH=($PY -m torch.distributed.run --standalone --nproc_per_node="$GPUS")
 else
@@ -122,10 +174,13 @@ for arch in archs:
         summary, knn, linear = load(f"{run}/summary.json"), load(f"{run}/knn.json"), load(f"{run}/linear.json")
         diag = knn["diagnostics"]
         eval_s += knn["seconds"] + linear["seconds"]
+        log = [json.loads(line) for line in open(f"{run}/log.jsonl")]
+        pretext = [r["epoch_acc"] for r in log if "epoch_acc" in r]  # the health signal: must rise
         rows.append({"arch": arch, "recipe": recipe, "backbone_params": summary["backbone_params"],
                      "epochs": summary["epochs"], "knn200_random": knn200(ref),
                      "knn200_random_bn": knn200(ref_bn), "knn200": knn200(knn),
-                     "knn200_gain": knn200(knn) - knn200(ref), "linear_top1": linear["best_top1"],
+                     "knn200_gain": knn200(knn) - knn200(ref), "pretext_first": pretext[0],
+                     "pretext_last": pretext[-1], "linear_top1": linear["best_top1"],
                      "linear_protocol": linear["protocol"], "alignment": diag["alignment"],
                      "uniformity": diag["uniformity"], "images_per_s": summary["images_per_s"],
                      "pretrain_min": summary["wall_s"] / 60, "device": summary["device"]})
@@ -141,11 +196,13 @@ lines = [f"# run_all.sh {preset}: results", "",
          f"this invocation of run_all.sh: {seconds / 60:.1f} min.",
          f"kNN: weighted, k=200, T 0.1, backbone features; random init = the same network untrained (gain: learned "
          f"minus this); random, BN of data = untrained, its BN statistics set to the training images'. "
-         f"Linear: {rows[0]['linear_protocol']}.", "",
-         "| network | recipe | params | epochs | kNN random init | kNN random, BN of data | kNN learned | gain "
-         "| linear top-1 | alignment | uniformity | img/s | pretrain min |", "|---" * 13 + "|"]
+         f"Pretext acc: how often the positive key beats all K queue entries, mean over the first and the last "
+         f"epoch (chance 100/(K+1) %). Linear: {rows[0]['linear_protocol']}.", "",
+         "| network | recipe | params | epochs | pretext acc first -> last | kNN random init | kNN random, BN of data "
+         "| kNN learned | gain | linear top-1 | alignment | uniformity | img/s | pretrain min |", "|---" * 14 + "|"]
 for r in rows:
     lines.append(f"| {r['arch']} | {r['recipe']} | {r['backbone_params'] / 1e6:.2f}M | {r['epochs']:g} | "
+                 f"{r['pretext_first']:.1f} -> {r['pretext_last']:.1f} | "
                  f"{r['knn200_random']:.2f} | {r['knn200_random_bn']:.2f} | {r['knn200']:.2f} | "
                  f"{r['knn200_gain']:+.2f} | {r['linear_top1']:.2f} | {r['alignment']:.3f} | {r['uniformity']:.3f} | "
                  f"{r['images_per_s']:.0f} | {r['pretrain_min']:.1f} |")
@@ -157,7 +214,7 @@ try:  # the figure is optional: the study never needs matplotlib
     import matplotlib.pyplot as plt
 except ImportError:
     sys.exit(0)
-fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4))
 for i, recipe in enumerate(("baseline", "small")):
     sel = [r for r in rows if r["recipe"] == recipe]
     ax1.bar([j + 0.4 * i for j in range(len(sel))], [r["knn200"] for r in sel], 0.4, label=recipe)
@@ -166,13 +223,18 @@ ax1.scatter(range(len(archs)), [r["knn200_random"] for r in rows[::2]], color="k
 ax1.set_xticks([j + 0.2 for j in range(len(archs))], archs, rotation=20)
 ax1.set_ylabel("kNN top-1 (%)")
 ax1.legend()
-for r in rows:
+for r in rows:  # the health curves: pretext accuracy per epoch, and the kNN monitor
     log = [json.loads(line) for line in open(f"{runs}/{r['arch']}_{r['recipe']}/log.jsonl")]
-    pts = [(x["step"], x["loss"]) for x in log if "loss" in x]
-    ax2.plot(*zip(*pts), label=f"{r['arch']} {r['recipe']}", ls="-" if r["recipe"] == "small" else "--")
-ax2.set_xlabel("step")
-ax2.set_ylabel("training loss")
-ax2.legend(fontsize=6)
+    style = dict(label=f"{r['arch']} {r['recipe']}", ls="-" if r["recipe"] == "small" else "--")
+    for ax, key in ((ax2, "epoch_acc"), (ax3, "knn_top1")):
+        points = [(x["epoch"], x[key]) for x in log if key in x]
+        if points:  # the imagenet preset runs no kNN monitor
+            ax.plot(*zip(*points), marker=".", **style)
+ax2.set_xlabel("epoch")
+ax2.set_ylabel("pretext accuracy, epoch mean (%)")
+ax3.set_xlabel("epoch")
+ax3.set_ylabel("kNN monitor top-1 (%)")
+ax3.legend(fontsize=6)
 fig.tight_layout()
 fig.savefig(f"{out}/results.png", dpi=120)
 print(f"figure: {out}/results.png")

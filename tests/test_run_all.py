@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -14,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def study(tmp_path, preset="smoke"):
-    env = {**os.environ, "ARCHS": "mobilenetv3_small", "STUDY_DIR": str(tmp_path)}
+    env = {**os.environ, "ARCHS": "mobilenetv3_small", "STUDY_DIR": str(tmp_path), "PYTHON": sys.executable}
     return subprocess.run(["bash", "run_all.sh", preset], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
 
@@ -39,6 +40,11 @@ def test_the_study_writes_one_row_per_recipe(finished):
         assert ref_bn["reestimate_bn"] and float(r["knn200_random_bn"]) == ref_bn["knn"][1]["top1"]
     table = (out / "RESULTS.md").read_text()
     assert "| mobilenetv3_small | small | 1.52M |" in table
+    for recipe in ("baseline", "small"):  # pretext accuracy, first -> last epoch, from the run's log
+        log = [json.loads(line) for line in open(tmp_path / "runs" / "smoke" / f"mobilenetv3_small_{recipe}" /
+                                                  "log.jsonl")]
+        acc = [r["epoch_acc"] for r in log if "epoch_acc" in r]
+        assert f"| {recipe} | 1.52M | 1 | {acc[0]:.1f} -> {acc[-1]:.1f} |" in table
     assert table.strip().splitlines()[-1] in proc.stdout  # the table is printed at the end
 
 
