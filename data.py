@@ -61,6 +61,49 @@ MIN_IMG_SIZE = 16
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
+# --- command-line flags, shared by the scripts ---
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps a script's docstring as written and shows every flag's default."""
+
+
+def int_flag(low, high):
+    """An argparse type: an integer in [low, high]. Anything else ends with argparse's usage error naming the flag."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is not an integer in {low}..{high}")
+        return value
+    return parse
+
+
+def float_flag(low, high, low_open=False, high_open=False):
+    """An argparse type: a finite number in [low, high], an end excluded where *_open."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (low < value if low_open else low <= value)
+                and (value < high if high_open else value <= high)):
+            raise argparse.ArgumentTypeError(f"{text} is not a number in {'(' if low_open else '['}{low:g}, {high:g}"
+                                             f"{')' if high_open else ']'}")
+        return value
+    return parse
+
+
+def img_size_flag(text):
+    """An argparse type for --img-size: 0 (the data set's native size) or MIN_IMG_SIZE..4096 px."""
+    value = int_flag(0, 4096)(text)
+    if 0 < value < MIN_IMG_SIZE:
+        raise argparse.ArgumentTypeError(f"{value} px is below the {MIN_IMG_SIZE} px the networks need (0 = the "
+                                         f"data set's native size)")
+    return value
+
+
 @dataclass
 class ImageData:
     name: str

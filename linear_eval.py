@@ -105,13 +105,13 @@ def load_classifier(path, args, dim, num_classes):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     add_model_flags(p)
     a = p.add_argument
-    a("--lr", type=float, default=30.0, help="SGD learning rate (momentum 0.9)")
-    a("--wd", type=float, default=0.0, help="weight decay")
-    a("--epochs", type=int, default=100)
-    a("--schedule", type=int, nargs="*", default=[60, 80], help="epochs at which the lr is multiplied by 0.1")
+    a("--lr", type=data.float_flag(0, 1000, low_open=True), default=30.0, help="SGD learning rate (momentum 0.9)")
+    a("--wd", type=data.float_flag(0, 1), default=0.0, help="weight decay")
+    a("--epochs", type=data.int_flag(1, 100_000), default=100, help="training epochs of the classifier")
+    a("--schedule", type=data.int_flag(1, 100_000), nargs="*", default=[60, 80], help="epochs at which the lr is multiplied by 0.1")
     a("--cached", action="store_true", help="fast protocol: features extracted once (evaluation transform, no "
                                             "augmentation), the classifier trained on them")
     a("--evaluate", default=None, metavar="CLASSIFIER", help="only test a *_classifier.pt saved by this script")
@@ -120,8 +120,6 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.evaluate is None and args.json is None:
         raise SystemExit("pass --json OUT: the results and the trained classifier are written there.")
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
-        raise SystemExit("--epochs and --batch-size must be at least 1 and --lr positive.")
     return args
 
 

@@ -30,52 +30,73 @@ RUN_CONTROL = {"out", "resume", "data_dir", "workers", "device", "max_steps", "k
                "log_every", "compile"}
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     a = p.add_argument
-    a("--arch", default="resnet18", choices=ARCHS)
+    count, natural, fraction = data.int_flag, data.float_flag, data.float_flag(0, 1)
+    a("--arch", default="resnet18", choices=ARCHS, help="backbone")
     a("--small-stem", action="store_true", help="stem for 28-64 px inputs (total stride 8)")
-    a("--mlp-hidden", type=int, default=0, help="hidden width of the projection head; 0 = feature size (MoCo-v2)")
+    a("--mlp-hidden", type=count(0, 65536), default=0, help="hidden width of the projection head; 0 = feature size "
+                                                          "(MoCo-v2)")
     a("--head-bn", action="store_true", help="BatchNorm on the head's hidden layer (SimCLR / MoCo v3 style)")
-    a("--moco-dim", type=int, default=128, help="embedding size")
-    a("--moco-k", type=int, default=65536, help="queue size K (must stay well below the number of images)")
-    a("--moco-m", type=float, default=0.999, help="key-encoder momentum")
+    a("--moco-dim", type=count(1, 65536), default=128, help="embedding size")
+    a("--moco-k", type=count(1, 2**24), default=4096, help="queue size K, well below the number of images (MoCo "
+                                                          "uses 65536 on ImageNet's 1.28M, 4096 on CIFAR's 50k)")
+    a("--moco-m", type=fraction, default=0.999, help="key-encoder momentum")
     a("--moco-m-cos", action="store_true", help="ramp the momentum from --moco-m to 1 with a cosine")
-    a("--moco-t", type=float, default=0.2, help="temperature tau")
+    a("--moco-t", type=natural(0, 100, low_open=True), default=0.2, help="temperature tau")
     a("--symmetric", action="store_true", help="loss L(q1, k2) + L(q2, k1)")
-    a("--bn-splits", type=int, default=1, help="split BN into this many groups of the per-process batch")
-    a("--smooth", type=float, default=0.0, help="eps of the softened InfoNCE; 0 = plain InfoNCE")
-    a("--smooth-k", type=int, default=10, help="number of queue neighbours that share eps")
-    a("--smooth-mode", default="topk", choices=SMOOTH_MODES)
+    a("--bn-splits", type=count(1, 4096), default=1, help="split BN into this many groups of the per-process batch")
+    a("--smooth", type=natural(0, 1, high_open=True), default=0.0, help="eps of the softened InfoNCE; 0 = plain "
+                                                                         "InfoNCE")
+    a("--smooth-k", type=count(1, 2**24), default=10, help="number of queue neighbours that share eps")
+    a("--smooth-mode", default="topk", choices=SMOOTH_MODES, help="how eps is spread over the neighbours")
     a("--smooth-schedule", default="constant", choices=SMOOTH_SCHEDULES,
       help="constant eps, 0 during the lr warm-up, or a cosine ramp")
-    a("--data", default="fashionmnist", choices=data.DATASETS)
-    a("--data-dir", default=None)
+    a("--data", default="fashionmnist", choices=data.DATASETS, help="data set")
+    a("--data-dir", default=None, help="where the data set is (or is downloaded to); default: Debian's "
+                                       "Fashion-MNIST, else ./data")
     a("--subset", default=None, help="'N' (first N images) or 'N/class' (N per class, seeded)")
-    a("--img-size", type=int, default=0, help="0 = the data set's native size")
-    a("--aug", default="mocov2", choices=data.AUGS)
+    a("--img-size", type=data.img_size_flag, default=0, help=f"view size, at least {data.MIN_IMG_SIZE}; 0 = the "
+                                                             f"data set's native size")
+    a("--aug", default="mocov2", choices=data.AUGS, help="augmentation preset (data.py)")
     a("--aug-backend", default="torchvision", choices=("torchvision", "batched"),
       help="per-image transforms in DataLoader workers, or per-sample parameters on whole batches on the device")
-    a("--workers", type=int, default=4, help="DataLoader workers (torchvision backend)")
-    a("--epochs", type=int, default=200)
-    a("--batch-size", type=int, default=256, help="global batch over all processes")
-    a("--lr", type=float, default=0.03, help="base learning rate per 256 images: the peak rate is lr x "
-      "batch-size / 256 (linear scaling), so 0.03 gives MoCo-v2's 0.03 at 256 and 0.06 at 512")
-    a("--wd", type=float, default=1e-4)
-    a("--warmup-epochs", type=float, default=0.0, help="linear lr warm-up, then cosine decay to 0")
-    a("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0 = all epochs)")
+    a("--workers", type=count(0, 256), default=min(4, os.cpu_count() or 1),
+      help="DataLoader workers (torchvision backend); default: 4, at most this machine's cores")
+    a("--epochs", type=count(1, 100_000), default=200, help="length of the lr schedule")
+    a("--batch-size", type=count(1, 2**20), default=256, help="global batch over all processes")
+    a("--lr", type=natural(0, 1000, low_open=True), default=0.03, help="base learning rate per 256 images: the "
+      "peak rate is lr x batch-size / 256 (linear scaling), so 0.03 gives MoCo-v2's 0.03 at 256 and 0.06 at 512")
+    a("--wd", type=natural(0, 1), default=1e-4, help="weight decay")
+    a("--warmup-epochs", type=natural(0, 100_000), default=0.0, help="linear lr warm-up, then cosine decay to 0")
+    a("--max-steps", type=count(0, 10**12), default=0, help="stop after this many optimizer steps, keeping the "
+                                                           "full schedule's lr (0 = all epochs)")
     a("--teacher", default=None, help="checkpoint.pt of a frozen teacher: adds DisCo distillation")
     a("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="auto: bf16 (or fp16) on CUDA, off on CPU")
-    a("--channels-last", action="store_true")
+    a("--channels-last", action="store_true", help="channels-last memory format (faster for depthwise networks)")
     a("--compile", action="store_true", help="torch.compile the encoders")
     a("--device", default="auto", help="auto, cpu, cuda")
-    a("--seed", type=int, default=0)
-    a("--knn-every", type=int, default=0, help="weighted-kNN monitor on the eval split every N epochs (0 = off)")
+    a("--seed", type=count(0, 2**32 - 1), default=0, help="initialisation, image order and augmentation")
+    a("--knn-every", type=count(0, 100_000), default=0, help="weighted-kNN monitor on the eval split every N epochs "
+                                                            "(0 = off)")
     a("--knn-subset", default=None, help="subset of the bank and of the queries for the kNN monitor")
-    a("--log-every", type=int, default=50)
-    a("--out", default="runs/pretrain")
-    a("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists")
-    return p.parse_args(argv)
+    a("--log-every", type=count(1, 10**9), default=50, help="steps between log lines")
+    a("--out", default="runs/pretrain", help="run directory: checkpoint.pt, log.jsonl, summary.json")
+    a("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists; flags not given "
+                                            "take the checkpoint's values")
+    return p
+
+
+def get_args(argv=None):
+    return parser().parse_args(argv)
+
+
+def given_flags(argv=None):
+    """The flags on the command line: parsed again with every default suppressed, so only those given remain."""
+    p = parser()
+    p.set_defaults(**dict.fromkeys(vars(p.parse_args(argv)), argparse.SUPPRESS))
+    return set(vars(p.parse_args(argv)))
 
 
 def peak_lr(args):
@@ -117,6 +138,16 @@ def resume_args(args, saved):
     return argparse.Namespace(**{**vars(args), **saved, **{k: getattr(args, k) for k in RUN_CONTROL}})
 
 
+def queue_advice(num_images, keys_per_step):
+    """A --moco-k to suggest: the largest power of two at most an eighth of the images (4096 for CIFAR's 50k, as
+    MoCo's CIFAR runs), if it still holds one step's keys."""
+    k = 2 ** int(math.log2(max(1, num_images // 8)))
+    if k >= keys_per_step:
+        return f"use e.g. --moco-k {k} on {num_images} images"
+    return (f"{num_images} images are too few for a queue that holds one step's {keys_per_step} keys and stays "
+            f"well below their number: use more images or a smaller --batch-size")
+
+
 def check_setup(args, num_images, world):
     keys_per_step = args.batch_size * (2 if args.symmetric else 1)
     problems = [
@@ -124,14 +155,15 @@ def check_setup(args, num_images, world):
         (args.batch_size > num_images, f"--batch-size {args.batch_size} exceeds the {num_images} training images"),
         (args.moco_k >= num_images, f"--moco-k {args.moco_k} is not smaller than the {num_images} training "
                                     f"images, so the queue would hold stale copies of each query's own image; "
-                                    f"use e.g. --moco-k 4096 on data sets of this size"),
+                                    + queue_advice(num_images, keys_per_step)),
         (args.moco_k < keys_per_step, f"--moco-k {args.moco_k} is smaller than the {keys_per_step} keys "
                                       f"enqueued per step; raise --moco-k or lower --batch-size"),
         ((args.batch_size // world) % args.bn_splits, f"--bn-splits {args.bn_splits} does not divide the "
                                                        f"per-process batch of {args.batch_size // world}"),
         (args.smooth_mode == "tiered" and args.smooth_k < 3, "--smooth-mode tiered needs --smooth-k 3 or more"),
-        (not 0 <= args.smooth < 1, f"--smooth {args.smooth} must lie in [0, 1)"),
-        (args.warmup_epochs >= args.epochs, f"--warmup-epochs {args.warmup_epochs} must be below --epochs"),
+        (args.smooth_k > args.moco_k, f"--smooth-k {args.smooth_k} exceeds the {args.moco_k} queue entries"),
+        (args.warmup_epochs >= args.epochs, f"--warmup-epochs {args.warmup_epochs:g} must be below --epochs "
+                                            f"{args.epochs}"),
     ]
     for failed, sentence in problems:
         if failed:

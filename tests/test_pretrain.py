@@ -9,6 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import bench
+import knn_eval
+import linear_eval
 import pretrain
 from models import MoCo, SplitBatchNorm, split_batchnorm
 
@@ -223,3 +226,55 @@ def test_fashion_mnist_features_beat_random_init(tmp_path):
     random_init, learned = knn[0], knn[-1]
     # 5000 kNN queries: one standard error of a top-1 near 67% is about 0.7 points.
     assert learned > random_init + 2.5, knn
+
+
+# ----- the numeric flags of every script ----------------------------------------------------------------------
+
+ZERO_OK = {"--mlp-hidden", "--img-size", "--workers", "--wd", "--warmup-epochs", "--max-steps", "--seed",
+           "--knn-every", "--smooth", "--moco-m", "--warmup"}  # 0 means something for these
+NUMERIC = {
+    "pretrain": (pretrain.get_args, "--mlp-hidden --moco-dim --moco-k --bn-splits --smooth-k --img-size --workers "
+                                    "--epochs --batch-size --max-steps --seed --knn-every --log-every",
+                 "--moco-m --moco-t --smooth --lr --wd --warmup-epochs"),
+    "knn_eval": (knn_eval.get_args, "--img-size --seed --batch-size --workers --k --diag-per-class --chunk", "--t"),
+    "linear_eval": (linear_eval.get_args, "--img-size --seed --batch-size --workers --epochs --schedule",
+                    "--lr --wd"),
+    "bench": (bench.get_args, "--img-size --batch-size --warmup --steps --moco-k --mlp-hidden --bn-splits "
+                              "--workers --batches", ""),
+}
+SWEEP = [(script, flag, value) for script, (_, ints, floats) in NUMERIC.items()
+         for kind, flags in (("int", ints), ("float", floats)) for flag in flags.split()
+         for value in ["0", "-3", "nan", "inf", "9" * 30 if kind == "int" else "1e30", "ten"]
+         if not (value == "0" and flag in ZERO_OK)]
+
+
+@pytest.mark.parametrize("script, flag, value", SWEEP)
+def test_every_bad_number_ends_with_one_sentence(script, flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        NUMERIC[script][0]([flag, value])
+    assert exit_.value.code == 2  # argparse's usage error: the flag, the value and the allowed range
+    assert f"error: argument {flag}: {value} is not a" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("flags, sentence", [
+    (["--img-size", "7"], "7 px is below the 16 px the networks need"),
+    (["--epochs", "2", "--warmup-epochs", "2"], "--warmup-epochs 2 must be below --epochs 2."),
+    (["--smooth-k", "40"], "--smooth-k 40 exceeds the 32 queue entries."),
+])
+def test_pretrain_refuses_numbers_that_do_not_fit_together(tmp_path, flags, sentence, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run(tmp_path, *flags)
+    assert exit_.value.code != 0
+    assert sentence in str(exit_.value) + capsys.readouterr().err
+
+
+def test_the_defaults_run_and_the_queue_advice_fits_the_data(tmp_path):
+    defaults = pretrain.get_args([])
+    assert defaults.moco_k == 4096 and defaults.workers <= (os.cpu_count() or 1)
+    pretrain.check_setup(defaults, 60_000, 1)  # Fashion-MNIST's training set
+    assert pretrain.queue_advice(60_000, 256) == "use e.g. --moco-k 4096 on 60000 images"
+    assert pretrain.queue_advice(20_000, 256) == "use e.g. --moco-k 2048 on 20000 images"
+    assert pretrain.queue_advice(2_000, 256).startswith("2000 images are too few for a queue that holds one step's "
+                                                        "256 keys")
+    with pytest.raises(SystemExit, match="the 2000 training images.*use e.g. --moco-k 128 on 2000 images"):
+        pretrain.check_setup(pretrain.get_args(["--batch-size", "64", "--moco-k", "2000"]), 2000, 1)
