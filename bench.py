@@ -29,6 +29,7 @@ from torch import nn
 
 import data
 import pretrain
+from knn_eval import check_json_output
 from models import ARCHS, build_backbone
 
 STUDY_ARCHS = ("resnet18", "resnet34", "mobilenetv3_large", "mobilenetv3_small", "efficientnet_b0")
@@ -319,6 +320,8 @@ def bench_aug(args, device):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.json:
+        check_json_output(args.json)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
                           else args.device)
     if args.aug_only:

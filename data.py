@@ -204,8 +204,8 @@ def read_idx(path, ndim):
 
 
 def read_fashionmnist(data_dir, split):
-    """The IDX files of this split from data_dir (or its FashionMNIST/raw/, where torchvision downloads them), downloaded
-    into data_dir when missing; without data_dir, from Debian's copy or ./data."""
+    """The IDX files of this split from data_dir (or its FashionMNIST/raw/, where torchvision downloads them),
+    downloaded into data_dir when missing; without data_dir, from Debian's copy or ./data."""
     stem = "t10k" if split == "test" else "train"
     files = (f"{stem}-images-idx3-ubyte.gz", f"{stem}-labels-idx1-ubyte.gz")
     root = given_dir(data_dir) or DEFAULT_DATA_DIR
@@ -215,8 +215,9 @@ def read_fashionmnist(data_dir, split):
     if found is None:
         error = download("fashionmnist", root)
         if error and data_dir:
-            raise SystemExit(f"--data-dir {data_dir} holds no {' or '.join(files)} (nor FashionMNIST/raw/ with them) "
-                             f"and downloading them there failed ({error}): copy Fashion-MNIST's IDX .gz files "
+            missing = [f for f in files if not os.path.exists(os.path.join(root, f))]
+            raise SystemExit(f"--data-dir {data_dir} lacks {' and '.join(missing)} (nor has FashionMNIST/raw/ with "
+                             f"them) and downloading them there failed ({error}): copy Fashion-MNIST's IDX .gz files "
                              f"into it, or leave out --data-dir to read Debian's copy.")
         if error:
             raise SystemExit(f"Fashion-MNIST's IDX files are in none of {', '.join(places)} and could not be "

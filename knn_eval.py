@@ -272,6 +272,40 @@ def write_json(results, path):
     os.replace(path + ".tmp", path)
 
 
+def writable_dir(folder, flag, output=None):
+    """Refuse at start-up a folder that `output` (default: the folder itself) cannot go to: the nearest existing
+    folder on its path must be a writable directory (the rest is created)."""
+    parent = os.path.abspath(folder)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise SystemExit(f"{flag} {output or folder} cannot be written, as {parent} is not a writable directory: "
+                         f"choose another {flag}.")
+
+
+def is_json(path):
+    try:
+        with open(path, "rb") as f:
+            if f.read(1) not in (b"{", b"["):  # not even the start of a results file: no need to read it all
+                return False
+            f.seek(0)
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def check_json_output(path, flag="--json", ckpt=None):
+    """Before any work: the results file can be written, and replacing it loses nothing, i.e. it is new or holds
+    JSON (an earlier result); never the checkpoint or another kind of file."""
+    writable_dir(os.path.dirname(path) or ".", flag, path)
+    if ckpt and os.path.exists(path) and os.path.exists(ckpt) and os.path.samefile(path, ckpt):
+        raise SystemExit(f"{flag} {path} is the checkpoint being evaluated: choose another {flag}.")
+    if os.path.isdir(path) or (os.path.exists(path) and not is_json(path)):
+        raise SystemExit(f"{flag} {path} exists and is not a JSON results file, so it is not replaced: move it "
+                         f"away or choose another {flag}.")
+
+
 # ----- the script -------------------------------------------------------------------------------------------------
 
 def get_args(argv=None):
@@ -281,9 +315,11 @@ def get_args(argv=None):
     count = data.int_flag
     a("--features", default="backbone", choices=("backbone", "head"), help="pooled backbone output, or the "
                                                                            "projection head's")
-    a("--k", type=count(1, 2**24), nargs="+", default=[200], help="neighbours of the weighted kNN (200 on small data, 20 on "
-                                                      "ImageNet); several values share one feature extraction")
-    a("--t", type=data.float_flag(0, 100, low_open=True), default=0.1, help="temperature of the kNN vote weights exp(sim / t)")
+    a("--k", type=count(1, 2**24), nargs="+", default=[200],
+      help="neighbours of the weighted kNN (200 on small data, 20 on ImageNet); several values share one feature "
+           "extraction")
+    a("--t", type=data.float_flag(0, 100, low_open=True), default=0.1,
+      help="temperature of the kNN vote weights exp(sim / t)")
     a("--sweep", action="store_true", help="also best-NN: Euclidean, majority vote, best k in 1, 3, ..., 101")
     a("--diagnostics", action="store_true", help="alignment, uniformity, intra-class alignment, instance accuracy")
     a("--diag-per-class", type=count(2, 10**6), default=50, help="training images per class for the diagnostics")
@@ -301,6 +337,8 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.json:
+        check_json_output(args.json, ckpt=args.ckpt)
     start = time.time()
     backbone, head, dim = load_model(args)
     if args.features == "head" and head is None:

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import data
-from knn_eval import add_model_flags, extract_features, load_model, pick_device, settings, topk_accuracy, write_json
+from knn_eval import (add_model_flags, check_json_output, extract_features, load_model, pick_device, settings,
+                      topk_accuracy, write_json)
 
 
 def check_backbone_unchanged(backbone, reference):
@@ -37,6 +38,16 @@ def check_backbone_unchanged(backbone, reference):
 
 def classifier_path(json_path):
     return os.path.splitext(json_path)[0] + "_classifier.pt"
+
+
+def check_classifier_output(path):
+    """A classifier is saved beside --json: an existing file there is replaced only if it is a saved classifier."""
+    if os.path.exists(path):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)["classifier"]
+        except Exception:
+            raise SystemExit(f"{path}, where the classifier would be saved, exists and is not a classifier saved by "
+                             f"linear_eval.py, so it is not replaced: move it away or choose another --json.") from None
 
 
 def epoch_order(n, batch_size, seed, epoch):
@@ -111,7 +122,8 @@ def get_args(argv=None):
     a("--lr", type=data.float_flag(0, 1000, low_open=True), default=30.0, help="SGD learning rate (momentum 0.9)")
     a("--wd", type=data.float_flag(0, 1), default=0.0, help="weight decay")
     a("--epochs", type=data.int_flag(1, 100_000), default=100, help="training epochs of the classifier")
-    a("--schedule", type=data.int_flag(1, 100_000), nargs="*", default=[60, 80], help="epochs at which the lr is multiplied by 0.1")
+    a("--schedule", type=data.int_flag(1, 100_000), nargs="*", default=[60, 80],
+      help="epochs at which the lr is multiplied by 0.1")
     a("--cached", action="store_true", help="fast protocol: features extracted once (evaluation transform, no "
                                             "augmentation), the classifier trained on them")
     a("--evaluate", default=None, metavar="CLASSIFIER", help="only test a *_classifier.pt saved by this script")
@@ -125,6 +137,10 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.json:
+        check_json_output(args.json, ckpt=args.ckpt)
+    if not args.evaluate:
+        check_classifier_output(classifier_path(args.json))
     start = time.time()
     backbone, _, dim = load_model(args)
     reference = {k: v.detach().clone() for k, v in backbone.state_dict().items()}  # as loaded from the checkpoint

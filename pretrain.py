@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from knn_eval import knn_monitor, write_json
+from knn_eval import knn_monitor, writable_dir, write_json
 from losses import SMOOTH_MODES, SMOOTH_SCHEDULES, contrastive_accuracy, distill_loss, smooth_eps, soft_info_nce
 from models import ARCHS, MoCo, concat_all_gather, load_pretrained
 
@@ -272,6 +272,9 @@ def train_step(model, raw, x1, x2, optimizer, scaler, autocast, args, step, tota
 
 def main(argv=None):
     args = get_args(argv)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f"--out {args.out} is a file, not a run directory: choose another --out.")
+    writable_dir(args.out, "--out")
     ddp = "RANK" in os.environ  # started by torchrun
     if ddp:
         use_cuda = torch.cuda.is_available() and args.device != "cpu"

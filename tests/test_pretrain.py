@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -278,3 +279,15 @@ def test_the_defaults_run_and_the_queue_advice_fits_the_data(tmp_path):
                                                         "256 keys")
     with pytest.raises(SystemExit, match="the 2000 training images.*use e.g. --moco-k 128 on 2000 images"):
         pretrain.check_setup(pretrain.get_args(["--batch-size", "64", "--moco-k", "2000"]), 2000, 1)
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_an_unusable_out_is_refused_before_any_work(tmp_path, monkeypatch, where):
+    monkeypatch.setattr(pretrain.data, "load_data", lambda *a: pytest.fail("data was loaded before --out was checked"))
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    out = blocker if where == "a file" else blocker / "run"
+    sentence = "is a file, not a run directory" if where == "a file" else f"as {blocker} is not a writable directory"
+    with pytest.raises(SystemExit, match=f"--out {re.escape(str(out))} .*{sentence}: choose another --out."):
+        pretrain.main(TINY + ["--out", str(out)])
+    assert blocker.read_text() == "keep me"
