@@ -308,6 +308,9 @@ def load_pretrained(path, encoder="query"):
             detail = " ".join(str(err).split())[:200]
             raise SystemExit(f"{path}: the {part} weights under '{start}' do not fit architecture '{args['arch']}' "
                              f"(small_stem={args.get('small_stem', False)}) named in its args: {detail}") from err
+        if not all(t.isfinite().all() for t in weights.values() if t.is_floating_point()):
+            raise SystemExit(f"{path} holds NaN or inf {part} weights (its run diverged): evaluate an earlier "
+                             f"checkpoint, or pretrain again with a lower --lr.")
     return backbone.eval(), head.eval(), feat_dim, args
 
 

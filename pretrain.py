@@ -202,6 +202,14 @@ def check_finite(loss_sum, step, out):
                          f"good checkpoint in {out} is kept: lower --lr, or use --amp off.")
 
 
+def check_finite_weights(model, step, out):
+    """No checkpoint with NaN or inf weights: a finite loss does not prove the update that followed it was finite."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise SystemExit(f"{len(bad)} weight tensors ({bad[0]}, ...) became NaN or inf by step {step}; stopped "
+                         f"without saving, so the last good checkpoint in {out} is kept: lower --lr, or use --amp off.")
+
+
 def save_atomic(obj, path):
     torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)  # a kill during the write leaves the previous file intact
@@ -441,6 +449,7 @@ def main(argv=None):
         epoch_steps = interval_steps = 0
         if step % steps_per_epoch == 0 and knn_sets is not None and (step // steps_per_epoch) % args.knn_every == 0:
             knn_top1 = knn(step // steps_per_epoch)
+        check_finite_weights(raw, step, args.out)
         states = rng_states(aug_gen)
         if master:
             save_atomic({"args": vars(args), "model": raw.state_dict(), "optimizer": optimizer.state_dict(),

@@ -366,3 +366,14 @@ def test_an_unwritable_json_is_refused_before_any_work(checkpoint, tmp_path, no_
     with pytest.raises(SystemExit, match=f"--json {re.escape(out)} cannot be written, as {blocker} is not a "
                                          f"writable directory: choose another --json."):
         main(flags + ["--json", out])
+
+
+@pytest.mark.parametrize("script", [knn_eval, linear_eval])
+def test_a_checkpoint_with_non_finite_weights_is_refused(checkpoint, tmp_path, script):
+    ckpt = torch.load(checkpoint, weights_only=True)
+    name = next(k for k in ckpt["model"] if k.startswith("encoder_q.backbone.") and k.endswith("weight"))
+    ckpt["model"][name] = torch.full_like(ckpt["model"][name], float("nan"))
+    path = tmp_path / "diverged.pt"
+    torch.save(ckpt, path)
+    with pytest.raises(SystemExit, match=f"{re.escape(str(path))} holds NaN or inf backbone weights"):
+        script.main(["--ckpt", str(path), "--json", str(tmp_path / "out.json")])

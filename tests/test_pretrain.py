@@ -291,3 +291,18 @@ def test_an_unusable_out_is_refused_before_any_work(tmp_path, monkeypatch, where
     with pytest.raises(SystemExit, match=f"--out {re.escape(str(out))} .*{sentence}: choose another --out."):
         pretrain.main(TINY + ["--out", str(out)])
     assert blocker.read_text() == "keep me"
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
+    """A huge lr: the first step's loss is finite, the update is not. The run stops before its checkpoint."""
+    real = pretrain.train_step
+
+    def step_then_break(model, raw, *args, **kwargs):
+        out = real(model, raw, *args, **kwargs)
+        with torch.no_grad():
+            next(raw.encoder_q.parameters()).fill_(float("inf"))
+        return out
+    monkeypatch.setattr(pretrain, "train_step", step_then_break)
+    with pytest.raises(SystemExit, match="became NaN or inf by step 1; stopped without saving"):
+        run(tmp_path, "--aug-backend", "batched", "--max-steps", "1")
+    assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")
