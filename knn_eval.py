@@ -1,4 +1,5 @@
-"""kNN evaluation and over-clustering diagnostics of a pretrained or randomly initialised backbone (SPEC section 7).
+"""kNN evaluation and over-clustering diagnostics of a pretrained or randomly initialised backbone
+(weighted kNN: Wu et al. 2018, InstDisc; alignment and uniformity: Wang & Isola 2020).
 
     python knn_eval.py --ckpt runs/mnv3s/checkpoint.pt --subset 10000 --k 20 200 --sweep --diagnostics --json OUT
     python knn_eval.py --arch mobilenetv3_small --random-init --data fashionmnist --subset 10000 --json OUT

@@ -1,4 +1,4 @@
-"""Linear evaluation of a pretrained or randomly initialised backbone (SPEC section 7, MoCo's protocol).
+"""Linear evaluation of a pretrained or randomly initialised backbone (MoCo's protocol, He et al. 2020).
 
     python linear_eval.py --ckpt runs/mnv3s/checkpoint.pt --json results/mnv3s_linear.json
     python linear_eval.py --arch mobilenetv3_small --random-init --data fashionmnist --json results/random.json

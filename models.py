@@ -1,4 +1,4 @@
-"""Backbones, projection head and the MoCo module (SPEC sections 2 and 5).
+"""Backbones, projection head and the MoCo module (He et al. 2020; Chen et al. 2020 for MoCo-v2's MLP head).
 
 Every architecture is written out here as a table of stages or blocks that can be read against its paper. A backbone
 maps images [B, 3, H, W] to pooled features [B, d]. Its parameter and buffer names equal those of torchvision's
@@ -315,7 +315,7 @@ def load_pretrained(path, encoder="query"):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# MoCo: query encoder, momentum key encoder, queue of negatives (SPEC section 2)
+# MoCo: query encoder, momentum key encoder, queue of negatives (He et al. 2020, MoCo)
 # ---------------------------------------------------------------------------------------------------------------
 
 class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
