@@ -1,9 +1,10 @@
-"""Pretrain a small CNN with MoCo-v2 and the softened InfoNCE (SPEC sections 2-4, 6).
+"""Pretrain a small CNN with MoCo-v2 (Chen et al. 2020) and the softened InfoNCE of the ICME'23 paper.
 
 One process (CPU or one GPU):  python pretrain.py --arch mobilenetv3_small --moco-k 4096 --out runs/mnv3s
 Several GPUs / nodes:          torchrun --standalone --nproc_per_node=8 pretrain.py ...
 
-The defaults are the MoCo-v2 baseline recipe; run_all.sh spells out the small-model recipe as flags. OUT holds
+The defaults are the MoCo-v2 baseline recipe (with CIFAR's queue of 4096); run_all.sh spells out the small-model
+recipe as flags (README, "The two recipes"). OUT holds
 checkpoint.pt (written atomically every epoch), log.jsonl, and summary.json once the run is complete.
 """
 import argparse
@@ -11,6 +12,8 @@ import json
 import math
 import os
 import resource
+import shlex
+import sys
 import time
 from contextlib import nullcontext
 
@@ -25,7 +28,7 @@ from models import ARCHS, MoCo, concat_all_gather, load_pretrained
 
 # 2: --lr is a rate per 256 images (version 1 stored the peak rate itself); resuming needs the same version
 CHECKPOINT_VERSION = 2
-# flags that may change when a run is resumed; every other flag must equal the checkpoint's
+# flags that may change when a run is resumed; every other flag given must equal the checkpoint's
 RUN_CONTROL = {"out", "resume", "data_dir", "workers", "device", "max_steps", "knn_every", "knn_subset",
                "log_every", "compile"}
 
@@ -93,10 +96,11 @@ def get_args(argv=None):
 
 
 def given_flags(argv=None):
-    """The flags on the command line: parsed again with every default suppressed, so only those given remain."""
-    p = parser()
-    p.set_defaults(**dict.fromkeys(vars(p.parse_args(argv)), argparse.SUPPRESS))
-    return set(vars(p.parse_args(argv)))
+    """The flags on the command line: argparse fills in a default only where the namespace lacks the attribute, so
+    parsing into one whose every attribute is a marker leaves the marker exactly where no flag was given."""
+    p, unset = parser(), object()
+    parsed = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(p.parse_args(argv)), unset)))
+    return {key for key, value in vars(parsed).items() if value is not unset}
 
 
 def peak_lr(args):
@@ -129,13 +133,19 @@ def read_checkpoint(path):
     return ckpt
 
 
-def resume_args(args, saved):
-    for key, value in vars(args).items():
-        if key not in RUN_CONTROL and saved.get(key, value) != value and not (key == "img_size" and value == 0):
-            flag = "--" + key.replace("_", "-")
-            raise SystemExit(f"{args.out} holds a run trained with {flag} {saved[key]}, not {value}: rerun with "
-                             f"the same flags to resume it, or choose another --out.")
-    return argparse.Namespace(**{**vars(args), **saved, **{k: getattr(args, k) for k in RUN_CONTROL}})
+def resume_args(args, saved, given):
+    """The checkpoint's flags, except --max-steps (this session's stopping point) and the run-control flags given on
+    the command line. Any other flag given must equal the checkpoint's; all that differ are named at once."""
+    conflicts = []
+    for key in [k for k in vars(args) if k in given - RUN_CONTROL and k in saved]:
+        value, flag = getattr(args, key), "--" + key.replace("_", "-")
+        if saved[key] != value and not (key == "img_size" and value == 0):
+            conflicts.append(f"no {flag}" if value is True else f"{flag} {saved[key]}, not {value}")
+    if conflicts:
+        raise SystemExit(f"{args.out} holds a run trained with {'; '.join(conflicts)}: leave out these flags to "
+                         f"resume it with the checkpoint's values, or choose another --out.")
+    kept = (given & RUN_CONTROL) | {"out", "resume", "max_steps"}
+    return argparse.Namespace(**{**vars(args), **saved, **{k: getattr(args, k) for k in kept}})
 
 
 def queue_advice(num_images, keys_per_step):
@@ -194,6 +204,22 @@ def duration(seconds):
     """H:MM:SS, with days in front past 24 h: 1d 01:18:36."""
     days, rest = divmod(round(seconds), 86400)
     return (f"{days}d " if days else "") + f"{rest // 3600:02d}:{rest // 60 % 60:02d}:{rest % 60:02d}"
+
+
+def trim_log(path, step):
+    """Keep the complete records up to the checkpoint's step: a kill between the checkpoint and the log leaves
+    records after it, a partial last line, or no log at all (a new run: step 0 keeps nothing)."""
+    kept = []
+    if step and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if line.endswith("\n") and json.loads(line)["step"] <= step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    pass  # a partial line
+    with open(path, "w") as f:
+        f.writelines(kept)
 
 
 def check_finite(loss_sum, step, out):
@@ -280,6 +306,27 @@ def train_step(model, raw, x1, x2, optimizer, scaler, autocast, args, step, tota
 
 def main(argv=None):
     args = get_args(argv)
+    try:
+        return run(args, argv)
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(interrupted(args.out, argv), file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def interrupted(out, argv):
+    """Ctrl-C's one sentence: where the last checkpoint is and the command that continues from it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = shlex.join(["python3", "pretrain.py", *argv, *([] if "--resume" in argv else ["--resume"])])
+    path = os.path.join(out, "checkpoint.pt")
+    if not os.path.exists(path):
+        return f"interrupted before the first checkpoint, so nothing was saved: rerun `{command}` to start again."
+    step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    return f"interrupted; the last checkpoint, {path}, holds step {step}: resume with `{command}`."
+
+
+def run(args, argv):
+    """Set-up (processes, device, resume, data, model), the training loop with its log and checkpoints, the summary."""
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise SystemExit(f"--out {args.out} is a file, not a run directory: choose another --out.")
     writable_dir(args.out, "--out")
@@ -304,7 +351,9 @@ def main(argv=None):
             raise SystemExit(f"{ckpt_path} already exists: pass --resume to continue that run, or choose "
                              f"another --out.")
         ckpt = read_checkpoint(ckpt_path)
-        args = resume_args(args, ckpt["args"])
+        args = resume_args(args, ckpt["args"], given_flags(argv))
+    if master and os.path.exists(ckpt_path + ".tmp"):
+        os.remove(ckpt_path + ".tmp")  # a save that was killed: the checkpoint itself is the one before it
 
     train = data.load_data(args.data, "pretrain", args.data_dir, args.subset, args.seed)
     args.img_size = args.img_size or data.default_img_size(args.data)
@@ -363,13 +412,7 @@ def main(argv=None):
     log_path = os.path.join(args.out, "log.jsonl")
     if master:
         os.makedirs(args.out, exist_ok=True)
-        if ckpt is None:
-            open(log_path, "w").close()
-        else:  # drop what a killed run logged after its last checkpoint
-            with open(log_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= step]
-            with open(log_path, "w") as f:
-                f.writelines(kept)
+        trim_log(log_path, step)
         n_params = sum(p.numel() for p in raw.encoder_q.backbone.parameters())
         print(f"{args.arch}: {n_params:,} backbone parameters; {len(train)} images, {steps_per_epoch} steps/epoch "
               f"x {args.epochs} epochs on {world} x {device}" + (f", resuming at step {step}" if step else ""))
@@ -394,7 +437,8 @@ def main(argv=None):
         write_json({"arch": args.arch, "backbone_params": sum(p.numel() for p in raw.encoder_q.backbone.parameters()),
                     "epochs": step / steps_per_epoch, "steps": step, "images_per_s": images_per_s,
                     "peak_memory_mb": peak_mb, "wall_s": wall_s, "resumed_at_step": resumed_at,
-                    "knn_top1": knn_top1, "world_size": world, "device": str(device), "args": vars(args)},
+                    "knn_top1": knn_top1, "world_size": world, "device": str(device), "args": vars(args),
+                    "complete": step == total_steps},  # False after --max-steps: run_all.sh resumes it
                    summary_path)
 
     if step >= last_step:
@@ -402,7 +446,7 @@ def main(argv=None):
             if not os.path.exists(summary_path):  # killed between the last checkpoint and the summary
                 knn_logged = [r["knn_top1"] for r in map(json.loads, open(log_path)) if "knn_top1" in r]
                 write_summary(wall_before, ckpt["images_per_s"], (knn_logged or [None])[-1], step)
-            print(f"{args.out} is complete ({step} steps); nothing to do.")
+            print(f"{args.out} has reached step {step} of {total_steps}; nothing to do.")
         return raw
     knn_top1 = knn(0) if step == 0 else None
     resumed_at = step

@@ -306,3 +306,65 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="became NaN or inf by step 1; stopped without saving"):
         run(tmp_path, "--aug-backend", "batched", "--max-steps", "1")
     assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")
+
+
+# ----- interruptions and resuming -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["missing", "partial last line"])
+def test_resume_repairs_a_log_the_kill_left_behind(tmp_path, damage):
+    out, _ = run(tmp_path, "--aug-backend", "batched", "--max-steps", "4")
+    log_path = os.path.join(out, "log.jsonl")
+    complete = open(log_path).read()
+    if damage == "missing":
+        os.remove(log_path)
+    else:  # records of step 6 after the checkpoint of step 4, the last one cut short
+        with open(log_path, "a") as f:
+            f.write('{"epoch": 1, "step": 6, "loss": 1.0}\n{"epoch": 1, "st')
+    run(tmp_path, "--aug-backend", "batched", "--resume")
+    lines = open(log_path).read().splitlines(keepends=True)
+    kept = [] if damage == "missing" else complete.splitlines(keepends=True)
+    assert lines[:len(kept)] == kept
+    assert [json.loads(line)["step"] for line in lines[len(kept):]] == [6, 8, 8]  # this session's records alone
+
+
+def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tmp_path, monkeypatch, capsys):
+    out, _ = run(tmp_path, "--aug-backend", "batched", "--max-steps", "4")
+    ckpt = os.path.join(out, "checkpoint.pt")
+    good = open(ckpt, "rb").read()
+    open(ckpt + ".tmp", "wb").write(good[:100])  # a save that was killed
+    real, steps = pretrain.train_step, []
+
+    def step_then_ctrl_c(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(pretrain, "train_step", step_then_ctrl_c)
+    argv = TINY + ["--out", out, "--aug-backend", "batched", "--resume"]
+    with pytest.raises(SystemExit) as exit_:
+        pretrain.main(argv)
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err.strip() == (f"interrupted; the last checkpoint, {ckpt}, holds step 4: resume with "
+                                               f"`python3 pretrain.py {' '.join(argv)}`.")
+    assert open(ckpt, "rb").read() == good and not os.path.exists(ckpt + ".tmp")
+
+
+def test_duration_has_days_past_24_hours():
+    assert pretrain.duration(25 * 3600) == "1d 01:00:00"
+    assert pretrain.duration(3599.6) == "01:00:00"
+
+
+def test_resume_takes_the_checkpoint_flags_and_names_every_conflict(tmp_path):
+    out, _ = run(tmp_path, "--aug-backend", "batched", "--max-steps", "2")
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["complete"] is False and summary["steps"] == 2
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    peak = 0.05 * 16 / 256  # --max-steps stops the full 8-step schedule early: step 2 has the cosine's lr of 8 steps
+    assert log[0]["step"] == 2 and log[0]["lr"] == pytest.approx(pretrain.lr_at(1, 8, 0, peak))
+    assert log[0]["lr"] != pytest.approx(pretrain.lr_at(1, 2, 0, peak))
+    with pytest.raises(SystemExit, match=r"trained with --arch mobilenetv3_small, not resnet18; no --symmetric; "
+                                         r"--lr 0.05, not 0.1: leave out these flags"):
+        pretrain.main(["--out", out, "--resume", "--arch", "resnet18", "--lr", "0.1", "--symmetric"])
+    pretrain.main(["--out", out, "--resume", "--lr", "0.05"])  # the rest from the checkpoint, to the end
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["complete"] is True and summary["steps"] == 8 and summary["args"]["aug_backend"] == "batched"
