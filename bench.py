@@ -40,7 +40,8 @@ def get_args(argv=None):
     a = parser.add_argument
     count = data.int_flag
     a("--arch", nargs="+", default=list(STUDY_ARCHS), choices=ARCHS, help="networks to time")
-    a("--img-size", type=data.img_size_flag, nargs="+", default=[32], help="view size (--aug-only: several sizes)")
+    a("--img-size", type=data.int_flag(data.MIN_IMG_SIZE, 4096), nargs="+", default=[32],
+      help="view size (--aug-only: several sizes)")
     a("--small-stem", action="store_true", help="stem for 28-64 px inputs (total stride 8)")
     a("--data", default="synthetic", help="in-memory data set the views are cut from (synthetic, fashionmnist, ...)")
     a("--data-dir", default=None, help="where --data is (see pretrain.py)")

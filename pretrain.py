@@ -4,8 +4,8 @@ One process (CPU or one GPU):  python pretrain.py --arch mobilenetv3_small --moc
 Several GPUs / nodes:          torchrun --standalone --nproc_per_node=8 pretrain.py ...
 
 The defaults are the MoCo-v2 baseline recipe (with CIFAR's queue of 4096); run_all.sh spells out the small-model
-recipe as flags (README, "The two recipes"). OUT holds
-checkpoint.pt (written atomically every epoch), log.jsonl, and summary.json once the run is complete.
+recipe as flags (README, "The two recipes"). OUT holds checkpoint.pt (written atomically every epoch), log.jsonl,
+and summary.json ("complete": false after a --max-steps stop). Ctrl-C prints the command that resumes the run.
 """
 import argparse
 import json
@@ -36,7 +36,7 @@ RUN_CONTROL = {"out", "resume", "data_dir", "workers", "device", "max_steps", "k
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     a = p.add_argument
-    count, natural, fraction = data.int_flag, data.float_flag, data.float_flag(0, 1)
+    count, number, fraction = data.int_flag, data.float_flag, data.float_flag(0, 1)
     a("--arch", default="resnet18", choices=ARCHS, help="backbone")
     a("--small-stem", action="store_true", help="stem for 28-64 px inputs (total stride 8)")
     a("--mlp-hidden", type=count(0, 65536), default=0, help="hidden width of the projection head; 0 = feature size "
@@ -47,11 +47,11 @@ def parser():
                                                           "uses 65536 on ImageNet's 1.28M, 4096 on CIFAR's 50k)")
     a("--moco-m", type=fraction, default=0.999, help="key-encoder momentum")
     a("--moco-m-cos", action="store_true", help="ramp the momentum from --moco-m to 1 with a cosine")
-    a("--moco-t", type=natural(0, 100, low_open=True), default=0.2, help="temperature tau")
+    a("--moco-t", type=number(0, 100, low_open=True), default=0.2, help="temperature tau")
     a("--symmetric", action="store_true", help="loss L(q1, k2) + L(q2, k1)")
     a("--bn-splits", type=count(1, 4096), default=1, help="split BN into this many groups of the per-process batch")
-    a("--smooth", type=natural(0, 1, high_open=True), default=0.0, help="eps of the softened InfoNCE; 0 = plain "
-                                                                         "InfoNCE")
+    a("--smooth", type=number(0, 1, high_open=True), default=0.0, help="eps of the softened InfoNCE; 0 = plain "
+                                                                        "InfoNCE")
     a("--smooth-k", type=count(1, 2**24), default=10, help="number of queue neighbours that share eps")
     a("--smooth-mode", default="topk", choices=SMOOTH_MODES, help="how eps is spread over the neighbours")
     a("--smooth-schedule", default="constant", choices=SMOOTH_SCHEDULES,
@@ -69,10 +69,10 @@ def parser():
       help="DataLoader workers (torchvision backend); default: 4, at most this machine's cores")
     a("--epochs", type=count(1, 100_000), default=200, help="length of the lr schedule")
     a("--batch-size", type=count(1, 2**20), default=256, help="global batch over all processes")
-    a("--lr", type=natural(0, 1000, low_open=True), default=0.03, help="base learning rate per 256 images: the "
+    a("--lr", type=number(0, 1000, low_open=True), default=0.03, help="base learning rate per 256 images: the "
       "peak rate is lr x batch-size / 256 (linear scaling), so 0.03 gives MoCo-v2's 0.03 at 256 and 0.06 at 512")
-    a("--wd", type=natural(0, 1), default=1e-4, help="weight decay")
-    a("--warmup-epochs", type=natural(0, 100_000), default=0.0, help="linear lr warm-up, then cosine decay to 0")
+    a("--wd", type=number(0, 1), default=1e-4, help="weight decay")
+    a("--warmup-epochs", type=number(0, 100_000), default=0.0, help="linear lr warm-up, then cosine decay to 0")
     a("--max-steps", type=count(0, 10**12), default=0, help="stop after this many optimizer steps, keeping the "
                                                            "full schedule's lr (0 = all epochs)")
     a("--teacher", default=None, help="checkpoint.pt of a frozen teacher: adds DisCo distillation")
