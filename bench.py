@@ -29,33 +29,42 @@ from torch import nn
 
 import data
 import pretrain
+from knn_eval import check_json_output
 from models import ARCHS, build_backbone
 
 STUDY_ARCHS = ("resnet18", "resnet34", "mobilenetv3_large", "mobilenetv3_small", "efficientnet_b0")
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     a = parser.add_argument
-    a("--arch", nargs="+", default=list(STUDY_ARCHS), choices=ARCHS)
-    a("--img-size", type=int, nargs="+", default=[32], help="view size (--aug-only: several sizes)")
-    a("--small-stem", action="store_true")
+    count = data.int_flag
+    a("--arch", nargs="+", default=list(STUDY_ARCHS), choices=ARCHS, help="networks to time")
+    a("--img-size", type=data.int_flag(data.MIN_IMG_SIZE, 4096), nargs="+", default=[32],
+      help="view size (--aug-only: several sizes)")
+    a("--small-stem", action="store_true", help="stem for 28-64 px inputs (total stride 8)")
     a("--data", default="synthetic", help="in-memory data set the views are cut from (synthetic, fashionmnist, ...)")
-    a("--data-dir", default=None)
-    a("--batch-size", type=int, default=256)
-    a("--warmup", type=int, default=2, help="untimed steps before each measurement")
-    a("--steps", type=int, default=8, help="timed steps per measurement")
-    a("--aug", default="small", choices=data.AUGS)
-    a("--moco-k", type=int, default=4096)
-    a("--mlp-hidden", type=int, default=512)
-    a("--bn-splits", type=int, default=8)
-    a("--workers", type=int, default=os.cpu_count(), help="DataLoader workers of the torchvision backend")
+    a("--data-dir", default=None, help="where --data is (see pretrain.py)")
+    a("--batch-size", type=count(1, 2**20), default=256, help="images per step")
+    a("--warmup", type=count(0, 10**6), default=2, help="untimed steps before each measurement")
+    a("--steps", type=count(1, 10**6), default=8, help="timed steps per measurement")
+    a("--aug", default="small", choices=data.AUGS, help="augmentation preset")
+    a("--moco-k", type=count(1, 2**24), default=4096, help="queue size K, at least --batch-size")
+    a("--mlp-hidden", type=count(0, 65536), default=512, help="hidden width of the projection head")
+    a("--bn-splits", type=count(1, 4096), default=8, help="split BN groups; must divide --batch-size")
+    a("--workers", type=count(0, 256), default=os.cpu_count(), help="DataLoader workers of the torchvision backend")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     a("--no-compare", action="store_true", help="time the default configuration only (no backend or format ratios)")
     a("--aug-only", action="store_true", help="time two-view augmentation alone")
-    a("--batches", type=int, default=5, help="--aug-only: timed batches per measurement")
+    a("--batches", type=count(1, 10**6), default=5, help="--aug-only: timed batches per measurement")
     a("--json", default=None, help="write every figure to this file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.aug_only and args.batch_size % args.bn_splits:
+        raise SystemExit(f"--bn-splits {args.bn_splits} does not divide --batch-size {args.batch_size}.")
+    if not args.aug_only and args.moco_k < args.batch_size:
+        raise SystemExit(f"--moco-k {args.moco_k} is smaller than the {args.batch_size} keys enqueued per step; "
+                         f"raise --moco-k or lower --batch-size.")
+    return args
 
 
 def sync(device):
@@ -312,6 +321,8 @@ def bench_aug(args, device):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.json:
+        check_json_output(args.json)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
                           else args.device)
     if args.aug_only:

@@ -6,6 +6,8 @@ file paths (imagefolder). Two augmentation backends draw views from one distribu
 - BatchedAugment: the same transforms with per-sample random parameters, applied to whole uint8 batches on their
   device, so in-memory data sets need no DataLoader workers at all.
 """
+import argparse
+import codecs
 import gzip
 import math
 import os
@@ -53,7 +55,53 @@ STATS = {  # per-channel mean and std of the training images in [0, 1]
 IMG_SIZES = {"fashionmnist": 28, "cifar10": 32, "cifar100": 32, "synthetic": 32, "stl10": 96, "imagefolder": 224}
 DEFAULT_DATA_DIR = "data"  # where downloads go when --data-dir is not given
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+# The ImageNet stem has a total stride of 32: at 16 px its last stage already works on 1x1 maps (resnet18:
+# 16 -> 8 -> 4 -> 2 -> 1 -> 1), and below that ever more of the network sees only padding.
+MIN_IMG_SIZE = 16
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+# --- command-line flags, shared by the scripts ---
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps a script's docstring as written and shows every flag's default."""
+
+
+def int_flag(low, high):
+    """An argparse type: an integer in [low, high]. Anything else ends with argparse's usage error naming the flag."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is not an integer in {low}..{high}")
+        return value
+    return parse
+
+
+def float_flag(low, high, low_open=False, high_open=False):
+    """An argparse type: a finite number in [low, high], an end excluded where *_open."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (low < value if low_open else low <= value)
+                and (value < high if high_open else value <= high)):
+            raise argparse.ArgumentTypeError(f"{text} is not a number in {'(' if low_open else '['}{low:g}, {high:g}"
+                                             f"{')' if high_open else ']'}")
+        return value
+    return parse
+
+
+def img_size_flag(text):
+    """An argparse type for --img-size: 0 (the data set's native size) or MIN_IMG_SIZE..4096 px."""
+    value = int_flag(0, 4096)(text)
+    if 0 < value < MIN_IMG_SIZE:
+        raise argparse.ArgumentTypeError(f"{value} px is below the {MIN_IMG_SIZE} px the networks need (0 = the "
+                                         f"data set's native size)")
+    return value
 
 
 @dataclass
@@ -128,6 +176,15 @@ def download(name, root):
     return None
 
 
+def given_dir(data_dir):
+    """--data-dir, None when not given. A given directory is used or refused, never replaced by another one; one that
+    does not exist is taken for a typo rather than created by a download."""
+    if data_dir and not os.path.isdir(data_dir):
+        raise SystemExit(f"--data-dir {data_dir} is not a directory: correct the path, or create the directory to "
+                         f"download the data set into it.")
+    return data_dir
+
+
 def read_idx(path, ndim):
     """A gzip-compressed IDX file of unsigned bytes: magic 0x0000080<ndim>, ndim big-endian int32 sizes, the data."""
     try:
@@ -147,26 +204,49 @@ def read_idx(path, ndim):
 
 
 def read_fashionmnist(data_dir, split):
+    """The IDX files of this split from data_dir (or its FashionMNIST/raw/, where torchvision downloads them),
+    downloaded into data_dir when missing; without data_dir, from Debian's copy or ./data."""
     stem = "t10k" if split == "test" else "train"
     files = (f"{stem}-images-idx3-ubyte.gz", f"{stem}-labels-idx1-ubyte.gz")
-    root = data_dir or DEFAULT_DATA_DIR
+    root = given_dir(data_dir) or DEFAULT_DATA_DIR
     downloaded = os.path.join(root, "FashionMNIST", "raw")  # torchvision's layout
-    places = ([data_dir] if data_dir else []) + [FASHION_MNIST_SYSTEM_DIR, downloaded]
+    places = ([] if data_dir else [FASHION_MNIST_SYSTEM_DIR]) + [root, downloaded]
     found = next((d for d in places if all(os.path.exists(os.path.join(d, f)) for f in files)), None)
     if found is None:
         error = download("fashionmnist", root)
+        if error and data_dir:
+            missing = [f for f in files if not os.path.exists(os.path.join(root, f))]
+            raise SystemExit(f"--data-dir {data_dir} lacks {' and '.join(missing)} (nor has FashionMNIST/raw/ with "
+                             f"them) and downloading them there failed ({error}): copy Fashion-MNIST's IDX .gz files "
+                             f"into it, or leave out --data-dir to read Debian's copy.")
         if error:
             raise SystemExit(f"Fashion-MNIST's IDX files are in none of {', '.join(places)} and could not be "
                              f"downloaded ({error}): install them with "
                              f"`apt-get install dataset-fashion-mnist`, or pass --data-dir DIR holding the four "
                              f"IDX .gz files.")
         found = downloaded
-    images = read_idx(os.path.join(found, files[0]), 3)
-    labels = read_idx(os.path.join(found, files[1]), 1)
+    paths = [os.path.join(found, f) for f in files]
+    print(f"fashionmnist {split}: reading {', '.join(paths)}")
+    images = read_idx(paths[0], 3)
+    labels = read_idx(paths[1], 1)
     if len(images) != len(labels) or labels.max(initial=0) > 9:
-        raise SystemExit(f"{os.path.join(found, files[1])} does not hold one label in 0..9 for each of the "
+        raise SystemExit(f"{paths[1]} does not hold one label in 0..9 for each of the "
                          f"{len(images)} images of {files[0]}: download both files again.")
     return torch.from_numpy(images).unsqueeze(1).repeat(1, 3, 1, 1), torch.from_numpy(labels).long()
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """CIFAR's batches hold only dicts, lists, strings, ints and numpy arrays. Any other global a pickle names (a
+    crafted file's way to run code while it is read) is refused; arrays need their reconstructor, ndarray and dtype,
+    and Python 3's protocol-2 pickles spell bytes as _codecs.encode(text, "latin1")."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): np.ndarray(0).__reduce__()[0],  # numpy 1 pickles
+               ("numpy._core.multiarray", "_reconstruct"): np.ndarray(0).__reduce__()[0],  # numpy 2 pickles
+               ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR batch never does")
+        return self.ALLOWED[module, name]
 
 
 def read_cifar(name, data_dir, split):
@@ -175,7 +255,7 @@ def read_cifar(name, data_dir, split):
     folder, train_files, test_files, key = {
         "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
         "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels")}[name]
-    root = data_dir or DEFAULT_DATA_DIR
+    root = given_dir(data_dir) or DEFAULT_DATA_DIR
     paths = [os.path.join(root, folder, f) for f in (test_files if split == "test" else train_files)]
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
@@ -183,11 +263,12 @@ def read_cifar(name, data_dir, split):
         if error:
             raise SystemExit(f"{missing[0]} does not exist and {name} could not be downloaded ({error}): pass "
                              f"--data-dir DIR holding {folder}/ from the python version of {name}.")
+    print(f"{name} {split}: reading {', '.join(paths)}")
     images, labels = [], []
     for path in paths:
         try:
             with open(path, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
+                entry = BatchUnpickler(f, encoding="latin1").load()
             entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
             x = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
             y = np.asarray(entry[key], dtype=np.int64)
@@ -204,7 +285,7 @@ def read_cifar(name, data_dir, split):
 def read_stl10(data_dir, split):
     """STL-10's binary version: *_X.bin holds 3 x 96 x 96 uint8 per image, each channel column-major; *_y.bin one
     byte per image, labels 1..10."""
-    folder = os.path.join(data_dir or DEFAULT_DATA_DIR, "stl10_binary")
+    folder = os.path.join(given_dir(data_dir) or DEFAULT_DATA_DIR, "stl10_binary")
     parts = {"pretrain": [("train_X.bin", "train_y.bin"), ("unlabeled_X.bin", None)],
              "train": [("train_X.bin", "train_y.bin")], "test": [("test_X.bin", "test_y.bin")]}[split]
     files = [os.path.join(folder, f) for part in parts for f in part if f]
@@ -214,6 +295,7 @@ def read_stl10(data_dir, split):
         if error:
             raise SystemExit(f"{missing[0]} does not exist and STL-10 could not be downloaded ({error}): pass "
                              f"--data-dir DIR holding stl10_binary/ from STL-10's binary version.")
+    print(f"stl10 {split}: reading {', '.join(files)}")
     images, labels = [], []
     for x_file, y_file in parts:
         path = os.path.join(folder, x_file)

@@ -1,4 +1,5 @@
-"""kNN evaluation and over-clustering diagnostics of a pretrained or randomly initialised backbone (SPEC section 7).
+"""kNN evaluation and over-clustering diagnostics of a pretrained or randomly initialised backbone
+(weighted kNN: Wu et al. 2018, InstDisc; alignment and uniformity: Wang & Isola 2020).
 
     python knn_eval.py --ckpt runs/mnv3s/checkpoint.pt --subset 10000 --k 20 200 --sweep --diagnostics --json OUT
     python knn_eval.py --arch mobilenetv3_small --random-init --data fashionmnist --subset 10000 --json OUT
@@ -17,6 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import data
 import models
 from data import (AUGS, DATASETS, BatchedAugment, TwoViewDataset, default_img_size, eval_loader,
                   exit_on_unreadable_image, load_data, view_transform)
@@ -192,6 +194,7 @@ def view_features(model, data, aug, img_size, seed, batch_size, device, workers=
 
 def add_model_flags(p):
     a = p.add_argument
+    count = data.int_flag
     a("--ckpt", help="checkpoint.pt written by pretrain.py")
     a("--arch", choices=models.ARCHS, help="with --random-init: the untrained baseline; with --ckpt: must match it")
     a("--random-init", action="store_true", help="evaluate an untrained backbone, initialised with --seed")
@@ -202,10 +205,12 @@ def add_model_flags(p):
     a("--data-dir", default=None, help="default: the checkpoint's")
     a("--subset", default=None, help="training images used, 'N' or 'N/class'; default: the checkpoint's")
     a("--test-subset", default=None, help="test images used, 'N' or 'N/class'; default: all")
-    a("--img-size", type=int, default=0, help="0 = the checkpoint's, else the data set's native size")
-    a("--seed", type=int, default=None, help="subset draws and random init; default: the checkpoint's, else 0")
-    a("--batch-size", type=int, default=256)
-    a("--workers", type=int, default=0, help="DataLoader workers (image-file data sets)")
+    a("--img-size", type=data.img_size_flag, default=0, help="0 = the checkpoint's, else the data set's native "
+                                                             "size")
+    a("--seed", type=count(0, 2**32 - 1), default=None, help="subset draws and random init; default: the "
+                                                             "checkpoint's, else 0")
+    a("--batch-size", type=count(1, 2**20), default=256, help="images per forward pass")
+    a("--workers", type=count(0, 256), default=0, help="DataLoader workers (image-file data sets)")
     a("--channels-last", action="store_true", help="channels-last memory format (MobileNet/EfficientNet on a CPU: "
                                                    "several times faster)")
     a("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
@@ -268,36 +273,73 @@ def write_json(results, path):
     os.replace(path + ".tmp", path)
 
 
+def writable_dir(folder, flag, output=None):
+    """Refuse at start-up a folder that `output` (default: the folder itself) cannot go to: the nearest existing
+    folder on its path must be a writable directory (the rest is created)."""
+    parent = os.path.abspath(folder)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise SystemExit(f"{flag} {output or folder} cannot be written, as {parent} is not a writable directory: "
+                         f"choose another {flag}.")
+
+
+def is_json(path):
+    try:
+        with open(path, "rb") as f:
+            if f.read(1) not in (b"{", b"["):  # not even the start of a results file: no need to read it all
+                return False
+            f.seek(0)
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def check_json_output(path, flag="--json", ckpt=None):
+    """Before any work: the results file can be written, and replacing it loses nothing, i.e. it is new or holds
+    JSON (an earlier result); never the checkpoint or another kind of file."""
+    writable_dir(os.path.dirname(path) or ".", flag, path)
+    if ckpt and os.path.exists(path) and os.path.exists(ckpt) and os.path.samefile(path, ckpt):
+        raise SystemExit(f"{flag} {path} is the checkpoint being evaluated: choose another {flag}.")
+    if os.path.isdir(path) or (os.path.exists(path) and not is_json(path)):
+        raise SystemExit(f"{flag} {path} exists and is not a JSON results file, so it is not replaced: move it "
+                         f"away or choose another {flag}.")
+
+
 # ----- the script -------------------------------------------------------------------------------------------------
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     add_model_flags(p)
     a = p.add_argument
+    count = data.int_flag
     a("--features", default="backbone", choices=("backbone", "head"), help="pooled backbone output, or the "
                                                                            "projection head's")
-    a("--k", type=int, nargs="+", default=[200], help="neighbours of the weighted kNN (200 on small data, 20 on "
-                                                      "ImageNet); several values share one feature extraction")
-    a("--t", type=float, default=0.1, help="temperature of the kNN vote weights exp(sim / t)")
+    a("--k", type=count(1, 2**24), nargs="+", default=[200],
+      help="neighbours of the weighted kNN (200 on small data, 20 on ImageNet); several values share one feature "
+           "extraction")
+    a("--t", type=data.float_flag(0, 100, low_open=True), default=0.1,
+      help="temperature of the kNN vote weights exp(sim / t)")
     a("--sweep", action="store_true", help="also best-NN: Euclidean, majority vote, best k in 1, 3, ..., 101")
     a("--diagnostics", action="store_true", help="alignment, uniformity, intra-class alignment, instance accuracy")
-    a("--diag-per-class", type=int, default=50, help="training images per class for the diagnostics")
+    a("--diag-per-class", type=count(2, 10**6), default=50, help="training images per class for the diagnostics")
     a("--diag-aug", choices=AUGS, default=None, help="views for the diagnostics; default: the checkpoint's --aug, "
                                                       "else mocov2")
     a("--reestimate-bn", action="store_true", help="with --random-init: first set the BN running statistics to "
                                                    "those of the training images (no learning)")
-    a("--chunk", type=int, default=1024, help="query rows of the similarity matrix held at a time")
+    a("--chunk", type=count(1, 2**24), default=1024, help="query rows of the similarity matrix held at a time")
     a("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.reestimate_bn and not args.random_init:
         raise SystemExit("--reestimate-bn is a reference for --random-init; a checkpoint keeps its own statistics.")
-    if min(args.k) < 1 or args.t <= 0 or args.chunk < 1 or args.diag_per_class < 2:
-        raise SystemExit("--k and --chunk must be at least 1, --t positive and --diag-per-class at least 2.")
     return args
 
 
 def main(argv=None):
     args = get_args(argv)
+    if args.json:
+        check_json_output(args.json, ckpt=args.ckpt)
     start = time.time()
     backbone, head, dim = load_model(args)
     if args.features == "head" and head is None:

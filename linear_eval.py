@@ -1,4 +1,4 @@
-"""Linear evaluation of a pretrained or randomly initialised backbone (SPEC section 7, MoCo's protocol).
+"""Linear evaluation of a pretrained or randomly initialised backbone (MoCo's protocol, He et al. 2020).
 
     python linear_eval.py --ckpt runs/mnv3s/checkpoint.pt --json results/mnv3s_linear.json
     python linear_eval.py --arch mobilenetv3_small --random-init --data fashionmnist --json results/random.json
@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import data
-from knn_eval import add_model_flags, extract_features, load_model, pick_device, settings, topk_accuracy, write_json
+from knn_eval import (add_model_flags, check_json_output, extract_features, load_model, pick_device, settings,
+                      topk_accuracy, write_json)
 
 
 def check_backbone_unchanged(backbone, reference):
@@ -37,6 +38,16 @@ def check_backbone_unchanged(backbone, reference):
 
 def classifier_path(json_path):
     return os.path.splitext(json_path)[0] + "_classifier.pt"
+
+
+def check_classifier_output(path):
+    """A classifier is saved beside --json: an existing file there is replaced only if it is a saved classifier."""
+    if os.path.exists(path):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)["classifier"]
+        except Exception:
+            raise SystemExit(f"{path}, where the classifier would be saved, exists and is not a classifier saved by "
+                             f"linear_eval.py, so it is not replaced: move it away or choose another --json.") from None
 
 
 def epoch_order(n, batch_size, seed, epoch):
@@ -105,13 +116,14 @@ def load_classifier(path, args, dim, num_classes):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     add_model_flags(p)
     a = p.add_argument
-    a("--lr", type=float, default=30.0, help="SGD learning rate (momentum 0.9)")
-    a("--wd", type=float, default=0.0, help="weight decay")
-    a("--epochs", type=int, default=100)
-    a("--schedule", type=int, nargs="*", default=[60, 80], help="epochs at which the lr is multiplied by 0.1")
+    a("--lr", type=data.float_flag(0, 1000, low_open=True), default=30.0, help="SGD learning rate (momentum 0.9)")
+    a("--wd", type=data.float_flag(0, 1), default=0.0, help="weight decay")
+    a("--epochs", type=data.int_flag(1, 100_000), default=100, help="training epochs of the classifier")
+    a("--schedule", type=data.int_flag(1, 100_000), nargs="*", default=[60, 80],
+      help="epochs at which the lr is multiplied by 0.1")
     a("--cached", action="store_true", help="fast protocol: features extracted once (evaluation transform, no "
                                             "augmentation), the classifier trained on them")
     a("--evaluate", default=None, metavar="CLASSIFIER", help="only test a *_classifier.pt saved by this script")
@@ -120,13 +132,15 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.evaluate is None and args.json is None:
         raise SystemExit("pass --json OUT: the results and the trained classifier are written there.")
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
-        raise SystemExit("--epochs and --batch-size must be at least 1 and --lr positive.")
     return args
 
 
 def main(argv=None):
     args = get_args(argv)
+    if args.json:
+        check_json_output(args.json, ckpt=args.ckpt)
+    if not args.evaluate:
+        check_classifier_output(classifier_path(args.json))
     start = time.time()
     backbone, _, dim = load_model(args)
     reference = {k: v.detach().clone() for k, v in backbone.state_dict().items()}  # as loaded from the checkpoint

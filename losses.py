@@ -1,7 +1,8 @@
 """Contrastive losses: InfoNCE, the softened InfoNCE, its eps schedules, and the DisCo distillation term.
 
 Every loss is a pure function of tensors. q and k are L2-normalised embeddings [B, D]; queue holds K normalised
-negatives as columns [D, K]; logits are [B, 1 + K] with the positive at index 0 (SPEC sections 2-4).
+negatives as columns [D, K]; logits are [B, 1 + K] with the positive at index 0 (MoCo, He et al. 2020;
+the softened InfoNCE of the ICME'23 paper; DisCo, Gao et al. 2022).
 """
 import math
 
@@ -34,7 +35,7 @@ def tier_bounds(num_neighbors):
 
 @torch.no_grad()
 def soft_target(neg_sim, eps, num_neighbors, mode):
-    """The soft target y over [positive, K queue entries] (SPEC section 3); rows sum to 1, no gradient.
+    """The soft target y over [positive, K queue entries] (the ICME'23 paper's softened InfoNCE); rows sum to 1, no gradient.
 
     neg_sim: q.queue_j before the temperature [B, K]; neighbours are the queue entries most similar to q.
     """
@@ -86,7 +87,7 @@ def smooth_eps(eps, schedule, step, total_steps, warmup_steps):
 
 def distill_loss(student, teacher):
     """DisCo: squared distance between the L2-normalised student and (frozen) teacher embeddings, summed over
-    batch and dimensions (SPEC section 4)."""
+    batch and dimensions (DisCo, Gao et al. 2022)."""
     return (F.normalize(student, dim=1) - F.normalize(teacher.detach(), dim=1)).pow(2).sum()
 
 

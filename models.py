@@ -1,4 +1,4 @@
-"""Backbones, projection head and the MoCo module (SPEC sections 2 and 5).
+"""Backbones, projection head and the MoCo module (He et al. 2020; Chen et al. 2020 for MoCo-v2's MLP head).
 
 Every architecture is written out here as a table of stages or blocks that can be read against its paper. A backbone
 maps images [B, 3, H, W] to pooled features [B, d]. Its parameter and buffer names equal those of torchvision's
@@ -308,11 +308,14 @@ def load_pretrained(path, encoder="query"):
             detail = " ".join(str(err).split())[:200]
             raise SystemExit(f"{path}: the {part} weights under '{start}' do not fit architecture '{args['arch']}' "
                              f"(small_stem={args.get('small_stem', False)}) named in its args: {detail}") from err
+        if not all(t.isfinite().all() for t in weights.values() if t.is_floating_point()):
+            raise SystemExit(f"{path} holds NaN or inf {part} weights (its run diverged): evaluate an earlier "
+                             f"checkpoint, or pretrain again with a lower --lr.")
     return backbone.eval(), head.eval(), feat_dim, args
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# MoCo: query encoder, momentum key encoder, queue of negatives (SPEC section 2)
+# MoCo: query encoder, momentum key encoder, queue of negatives (He et al. 2020, MoCo)
 # ---------------------------------------------------------------------------------------------------------------
 
 class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):

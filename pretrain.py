@@ -1,16 +1,19 @@
-"""Pretrain a small CNN with MoCo-v2 and the softened InfoNCE (SPEC sections 2-4, 6).
+"""Pretrain a small CNN with MoCo-v2 (Chen et al. 2020) and the softened InfoNCE of the ICME'23 paper.
 
 One process (CPU or one GPU):  python pretrain.py --arch mobilenetv3_small --moco-k 4096 --out runs/mnv3s
 Several GPUs / nodes:          torchrun --standalone --nproc_per_node=8 pretrain.py ...
 
-The defaults are the MoCo-v2 baseline recipe; run_all.sh spells out the small-model recipe as flags. OUT holds
-checkpoint.pt (written atomically every epoch), log.jsonl, and summary.json once the run is complete.
+The defaults are the MoCo-v2 baseline recipe (with CIFAR's queue of 4096); run_all.sh spells out the small-model
+recipe as flags (README, "The two recipes"). OUT holds checkpoint.pt (written atomically every epoch), log.jsonl,
+and summary.json ("complete": false after a --max-steps stop). Ctrl-C prints the command that resumes the run.
 """
 import argparse
 import json
 import math
 import os
 import resource
+import shlex
+import sys
 import time
 from contextlib import nullcontext
 
@@ -19,63 +22,85 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from knn_eval import knn_monitor, write_json
+from knn_eval import knn_monitor, writable_dir, write_json
 from losses import SMOOTH_MODES, SMOOTH_SCHEDULES, contrastive_accuracy, distill_loss, smooth_eps, soft_info_nce
 from models import ARCHS, MoCo, concat_all_gather, load_pretrained
 
 # 2: --lr is a rate per 256 images (version 1 stored the peak rate itself); resuming needs the same version
 CHECKPOINT_VERSION = 2
-# flags that may change when a run is resumed; every other flag must equal the checkpoint's
+# flags that may change when a run is resumed; every other flag given must equal the checkpoint's
 RUN_CONTROL = {"out", "resume", "data_dir", "workers", "device", "max_steps", "knn_every", "knn_subset",
                "log_every", "compile"}
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     a = p.add_argument
-    a("--arch", default="resnet18", choices=ARCHS)
+    count, number, fraction = data.int_flag, data.float_flag, data.float_flag(0, 1)
+    a("--arch", default="resnet18", choices=ARCHS, help="backbone")
     a("--small-stem", action="store_true", help="stem for 28-64 px inputs (total stride 8)")
-    a("--mlp-hidden", type=int, default=0, help="hidden width of the projection head; 0 = feature size (MoCo-v2)")
+    a("--mlp-hidden", type=count(0, 65536), default=0, help="hidden width of the projection head; 0 = feature size "
+                                                          "(MoCo-v2)")
     a("--head-bn", action="store_true", help="BatchNorm on the head's hidden layer (SimCLR / MoCo v3 style)")
-    a("--moco-dim", type=int, default=128, help="embedding size")
-    a("--moco-k", type=int, default=65536, help="queue size K (must stay well below the number of images)")
-    a("--moco-m", type=float, default=0.999, help="key-encoder momentum")
+    a("--moco-dim", type=count(1, 65536), default=128, help="embedding size")
+    a("--moco-k", type=count(1, 2**24), default=4096, help="queue size K, well below the number of images (MoCo "
+                                                          "uses 65536 on ImageNet's 1.28M, 4096 on CIFAR's 50k)")
+    a("--moco-m", type=fraction, default=0.999, help="key-encoder momentum")
     a("--moco-m-cos", action="store_true", help="ramp the momentum from --moco-m to 1 with a cosine")
-    a("--moco-t", type=float, default=0.2, help="temperature tau")
+    a("--moco-t", type=number(0, 100, low_open=True), default=0.2, help="temperature tau")
     a("--symmetric", action="store_true", help="loss L(q1, k2) + L(q2, k1)")
-    a("--bn-splits", type=int, default=1, help="split BN into this many groups of the per-process batch")
-    a("--smooth", type=float, default=0.0, help="eps of the softened InfoNCE; 0 = plain InfoNCE")
-    a("--smooth-k", type=int, default=10, help="number of queue neighbours that share eps")
-    a("--smooth-mode", default="topk", choices=SMOOTH_MODES)
+    a("--bn-splits", type=count(1, 4096), default=1, help="split BN into this many groups of the per-process batch")
+    a("--smooth", type=number(0, 1, high_open=True), default=0.0, help="eps of the softened InfoNCE; 0 = plain "
+                                                                        "InfoNCE")
+    a("--smooth-k", type=count(1, 2**24), default=10, help="number of queue neighbours that share eps")
+    a("--smooth-mode", default="topk", choices=SMOOTH_MODES, help="how eps is spread over the neighbours")
     a("--smooth-schedule", default="constant", choices=SMOOTH_SCHEDULES,
       help="constant eps, 0 during the lr warm-up, or a cosine ramp")
-    a("--data", default="fashionmnist", choices=data.DATASETS)
-    a("--data-dir", default=None)
+    a("--data", default="fashionmnist", choices=data.DATASETS, help="data set")
+    a("--data-dir", default=None, help="where the data set is (or is downloaded to); default: Debian's "
+                                       "Fashion-MNIST, else ./data")
     a("--subset", default=None, help="'N' (first N images) or 'N/class' (N per class, seeded)")
-    a("--img-size", type=int, default=0, help="0 = the data set's native size")
-    a("--aug", default="mocov2", choices=data.AUGS)
+    a("--img-size", type=data.img_size_flag, default=0, help=f"view size, at least {data.MIN_IMG_SIZE}; 0 = the "
+                                                             f"data set's native size")
+    a("--aug", default="mocov2", choices=data.AUGS, help="augmentation preset (data.py)")
     a("--aug-backend", default="torchvision", choices=("torchvision", "batched"),
       help="per-image transforms in DataLoader workers, or per-sample parameters on whole batches on the device")
-    a("--workers", type=int, default=4, help="DataLoader workers (torchvision backend)")
-    a("--epochs", type=int, default=200)
-    a("--batch-size", type=int, default=256, help="global batch over all processes")
-    a("--lr", type=float, default=0.03, help="base learning rate per 256 images: the peak rate is lr x "
-      "batch-size / 256 (linear scaling), so 0.03 gives MoCo-v2's 0.03 at 256 and 0.06 at 512")
-    a("--wd", type=float, default=1e-4)
-    a("--warmup-epochs", type=float, default=0.0, help="linear lr warm-up, then cosine decay to 0")
-    a("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0 = all epochs)")
+    a("--workers", type=count(0, 256), default=min(4, os.cpu_count() or 1),
+      help="DataLoader workers (torchvision backend); default: 4, at most this machine's cores")
+    a("--epochs", type=count(1, 100_000), default=200, help="length of the lr schedule")
+    a("--batch-size", type=count(1, 2**20), default=256, help="global batch over all processes")
+    a("--lr", type=number(0, 1000, low_open=True), default=0.03, help="base learning rate per 256 images: the "
+      "peak rate is lr x batch-size / 256 (linear scaling), so 0.03 gives MoCo-v2's 0.03 at 256 and 0.06 at 512")
+    a("--wd", type=number(0, 1), default=1e-4, help="weight decay")
+    a("--warmup-epochs", type=number(0, 100_000), default=0.0, help="linear lr warm-up, then cosine decay to 0")
+    a("--max-steps", type=count(0, 10**12), default=0, help="stop after this many optimizer steps, keeping the "
+                                                           "full schedule's lr (0 = all epochs)")
     a("--teacher", default=None, help="checkpoint.pt of a frozen teacher: adds DisCo distillation")
     a("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="auto: bf16 (or fp16) on CUDA, off on CPU")
-    a("--channels-last", action="store_true")
+    a("--channels-last", action="store_true", help="channels-last memory format (faster for depthwise networks)")
     a("--compile", action="store_true", help="torch.compile the encoders")
     a("--device", default="auto", help="auto, cpu, cuda")
-    a("--seed", type=int, default=0)
-    a("--knn-every", type=int, default=0, help="weighted-kNN monitor on the eval split every N epochs (0 = off)")
+    a("--seed", type=count(0, 2**32 - 1), default=0, help="initialisation, image order and augmentation")
+    a("--knn-every", type=count(0, 100_000), default=0, help="weighted-kNN monitor on the eval split every N epochs "
+                                                            "(0 = off)")
     a("--knn-subset", default=None, help="subset of the bank and of the queries for the kNN monitor")
-    a("--log-every", type=int, default=50)
-    a("--out", default="runs/pretrain")
-    a("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists")
-    return p.parse_args(argv)
+    a("--log-every", type=count(1, 10**9), default=50, help="steps between log lines")
+    a("--out", default="runs/pretrain", help="run directory: checkpoint.pt, log.jsonl, summary.json")
+    a("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists; flags not given "
+                                            "take the checkpoint's values")
+    return p
+
+
+def get_args(argv=None):
+    return parser().parse_args(argv)
+
+
+def given_flags(argv=None):
+    """The flags on the command line: argparse fills in a default only where the namespace lacks the attribute, so
+    parsing into one whose every attribute is a marker leaves the marker exactly where no flag was given."""
+    p, unset = parser(), object()
+    parsed = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(p.parse_args(argv)), unset)))
+    return {key for key, value in vars(parsed).items() if value is not unset}
 
 
 def peak_lr(args):
@@ -108,13 +133,29 @@ def read_checkpoint(path):
     return ckpt
 
 
-def resume_args(args, saved):
-    for key, value in vars(args).items():
-        if key not in RUN_CONTROL and saved.get(key, value) != value and not (key == "img_size" and value == 0):
-            flag = "--" + key.replace("_", "-")
-            raise SystemExit(f"{args.out} holds a run trained with {flag} {saved[key]}, not {value}: rerun with "
-                             f"the same flags to resume it, or choose another --out.")
-    return argparse.Namespace(**{**vars(args), **saved, **{k: getattr(args, k) for k in RUN_CONTROL}})
+def resume_args(args, saved, given):
+    """The checkpoint's flags, except --max-steps (this session's stopping point) and the run-control flags given on
+    the command line. Any other flag given must equal the checkpoint's; all that differ are named at once."""
+    conflicts = []
+    for key in [k for k in vars(args) if k in given - RUN_CONTROL and k in saved]:
+        value, flag = getattr(args, key), "--" + key.replace("_", "-")
+        if saved[key] != value and not (key == "img_size" and value == 0):
+            conflicts.append(f"no {flag}" if value is True else f"{flag} {saved[key]}, not {value}")
+    if conflicts:
+        raise SystemExit(f"{args.out} holds a run trained with {'; '.join(conflicts)}: leave out these flags to "
+                         f"resume it with the checkpoint's values, or choose another --out.")
+    kept = (given & RUN_CONTROL) | {"out", "resume", "max_steps"}
+    return argparse.Namespace(**{**vars(args), **saved, **{k: getattr(args, k) for k in kept}})
+
+
+def queue_advice(num_images, keys_per_step):
+    """A --moco-k to suggest: the largest power of two at most an eighth of the images (4096 for CIFAR's 50k, as
+    MoCo's CIFAR runs), if it still holds one step's keys."""
+    k = 2 ** int(math.log2(max(1, num_images // 8)))
+    if k >= keys_per_step:
+        return f"use e.g. --moco-k {k} on {num_images} images"
+    return (f"{num_images} images are too few for a queue that holds one step's {keys_per_step} keys and stays "
+            f"well below their number: use more images or a smaller --batch-size")
 
 
 def check_setup(args, num_images, world):
@@ -124,14 +165,15 @@ def check_setup(args, num_images, world):
         (args.batch_size > num_images, f"--batch-size {args.batch_size} exceeds the {num_images} training images"),
         (args.moco_k >= num_images, f"--moco-k {args.moco_k} is not smaller than the {num_images} training "
                                     f"images, so the queue would hold stale copies of each query's own image; "
-                                    f"use e.g. --moco-k 4096 on data sets of this size"),
+                                    + queue_advice(num_images, keys_per_step)),
         (args.moco_k < keys_per_step, f"--moco-k {args.moco_k} is smaller than the {keys_per_step} keys "
                                       f"enqueued per step; raise --moco-k or lower --batch-size"),
         ((args.batch_size // world) % args.bn_splits, f"--bn-splits {args.bn_splits} does not divide the "
                                                        f"per-process batch of {args.batch_size // world}"),
         (args.smooth_mode == "tiered" and args.smooth_k < 3, "--smooth-mode tiered needs --smooth-k 3 or more"),
-        (not 0 <= args.smooth < 1, f"--smooth {args.smooth} must lie in [0, 1)"),
-        (args.warmup_epochs >= args.epochs, f"--warmup-epochs {args.warmup_epochs} must be below --epochs"),
+        (args.smooth_k > args.moco_k, f"--smooth-k {args.smooth_k} exceeds the {args.moco_k} queue entries"),
+        (args.warmup_epochs >= args.epochs, f"--warmup-epochs {args.warmup_epochs:g} must be below --epochs "
+                                            f"{args.epochs}"),
     ]
     for failed, sentence in problems:
         if failed:
@@ -164,10 +206,34 @@ def duration(seconds):
     return (f"{days}d " if days else "") + f"{rest // 3600:02d}:{rest // 60 % 60:02d}:{rest % 60:02d}"
 
 
+def trim_log(path, step):
+    """Keep the complete records up to the checkpoint's step: a kill between the checkpoint and the log leaves
+    records after it, a partial last line, or no log at all (a new run: step 0 keeps nothing)."""
+    kept = []
+    if step and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if line.endswith("\n") and json.loads(line)["step"] <= step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    pass  # a partial line
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
 def check_finite(loss_sum, step, out):
     if not math.isfinite(loss_sum):
         raise SystemExit(f"the loss became {loss_sum} before step {step}; stopped without saving, so the last "
                          f"good checkpoint in {out} is kept: lower --lr, or use --amp off.")
+
+
+def check_finite_weights(model, step, out):
+    """No checkpoint with NaN or inf weights: a finite loss does not prove the update that followed it was finite."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise SystemExit(f"{len(bad)} weight tensors ({bad[0]}, ...) became NaN or inf by step {step}; stopped "
+                         f"without saving, so the last good checkpoint in {out} is kept: lower --lr, or use --amp off.")
 
 
 def save_atomic(obj, path):
@@ -240,6 +306,30 @@ def train_step(model, raw, x1, x2, optimizer, scaler, autocast, args, step, tota
 
 def main(argv=None):
     args = get_args(argv)
+    try:
+        return run(args, argv)
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(interrupted(args.out, argv), file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def interrupted(out, argv):
+    """Ctrl-C's one sentence: where the last checkpoint is and the command that continues from it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = shlex.join(["python3", "pretrain.py", *argv, *([] if "--resume" in argv else ["--resume"])])
+    path = os.path.join(out, "checkpoint.pt")
+    if not os.path.exists(path):
+        return f"interrupted before the first checkpoint, so nothing was saved: rerun `{command}` to start again."
+    step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    return f"interrupted; the last checkpoint, {path}, holds step {step}: resume with `{command}`."
+
+
+def run(args, argv):
+    """Set-up (processes, device, resume, data, model), the training loop with its log and checkpoints, the summary."""
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f"--out {args.out} is a file, not a run directory: choose another --out.")
+    writable_dir(args.out, "--out")
     ddp = "RANK" in os.environ  # started by torchrun
     if ddp:
         use_cuda = torch.cuda.is_available() and args.device != "cpu"
@@ -261,7 +351,9 @@ def main(argv=None):
             raise SystemExit(f"{ckpt_path} already exists: pass --resume to continue that run, or choose "
                              f"another --out.")
         ckpt = read_checkpoint(ckpt_path)
-        args = resume_args(args, ckpt["args"])
+        args = resume_args(args, ckpt["args"], given_flags(argv))
+    if master and os.path.exists(ckpt_path + ".tmp"):
+        os.remove(ckpt_path + ".tmp")  # a save that was killed: the checkpoint itself is the one before it
 
     train = data.load_data(args.data, "pretrain", args.data_dir, args.subset, args.seed)
     args.img_size = args.img_size or data.default_img_size(args.data)
@@ -320,13 +412,7 @@ def main(argv=None):
     log_path = os.path.join(args.out, "log.jsonl")
     if master:
         os.makedirs(args.out, exist_ok=True)
-        if ckpt is None:
-            open(log_path, "w").close()
-        else:  # drop what a killed run logged after its last checkpoint
-            with open(log_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= step]
-            with open(log_path, "w") as f:
-                f.writelines(kept)
+        trim_log(log_path, step)
         n_params = sum(p.numel() for p in raw.encoder_q.backbone.parameters())
         print(f"{args.arch}: {n_params:,} backbone parameters; {len(train)} images, {steps_per_epoch} steps/epoch "
               f"x {args.epochs} epochs on {world} x {device}" + (f", resuming at step {step}" if step else ""))
@@ -351,7 +437,8 @@ def main(argv=None):
         write_json({"arch": args.arch, "backbone_params": sum(p.numel() for p in raw.encoder_q.backbone.parameters()),
                     "epochs": step / steps_per_epoch, "steps": step, "images_per_s": images_per_s,
                     "peak_memory_mb": peak_mb, "wall_s": wall_s, "resumed_at_step": resumed_at,
-                    "knn_top1": knn_top1, "world_size": world, "device": str(device), "args": vars(args)},
+                    "knn_top1": knn_top1, "world_size": world, "device": str(device), "args": vars(args),
+                    "complete": step == total_steps},  # False after --max-steps: run_all.sh resumes it
                    summary_path)
 
     if step >= last_step:
@@ -359,7 +446,7 @@ def main(argv=None):
             if not os.path.exists(summary_path):  # killed between the last checkpoint and the summary
                 knn_logged = [r["knn_top1"] for r in map(json.loads, open(log_path)) if "knn_top1" in r]
                 write_summary(wall_before, ckpt["images_per_s"], (knn_logged or [None])[-1], step)
-            print(f"{args.out} is complete ({step} steps); nothing to do.")
+            print(f"{args.out} has reached step {step} of {total_steps}; nothing to do.")
         return raw
     knn_top1 = knn(0) if step == 0 else None
     resumed_at = step
@@ -406,6 +493,7 @@ def main(argv=None):
         epoch_steps = interval_steps = 0
         if step % steps_per_epoch == 0 and knn_sets is not None and (step // steps_per_epoch) % args.knn_every == 0:
             knn_top1 = knn(step // steps_per_epoch)
+        check_finite_weights(raw, step, args.out)
         states = rng_states(aug_gen)
         if master:
             save_atomic({"args": vars(args), "model": raw.state_dict(), "optimizer": optimizer.state_dict(),

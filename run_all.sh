@@ -146,7 +146,7 @@ for arch in "${ARCHS[@]}"; do
     run=$RUNS/${arch}_$recipe
     if [[ $recipe == baseline ]]; then flags=("${BASELINE[@]}"); else flags=("${SMALL[@]}"); fi
     echo "== $arch, $recipe recipe -> $run"
-    if [[ ! -f $run/summary.json ]]; then
+    if ! grep -qs '"complete": true' "$run/summary.json"; then  # a --max-steps run is not finished
       "${LAUNCH[@]}" pretrain.py --arch "$arch" "${DATA[@]}" "${COMMON[@]}" "${flags[@]}" --out "$run" --resume
     fi
     [[ -f $run/knn.json ]] || $PY knn_eval.py --ckpt "$run/checkpoint.pt" "${EVAL[@]}" --k 20 200 --sweep \

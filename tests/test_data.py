@@ -84,8 +84,37 @@ def test_fashionmnist_bad_files_exit_naming_the_file(tmp_path, damage):
 
 def test_fashionmnist_missing_everywhere_names_both_ways_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "nowhere"))
+    monkeypatch.chdir(tmp_path)  # no ./data either
     with pytest.raises(SystemExit, match=r"apt-get install dataset-fashion-mnist.*--data-dir"):
-        data.load_data("fashionmnist", "train", str(tmp_path))
+        data.load_data("fashionmnist", "train")
+
+
+@pytest.mark.parametrize("given", ["empty", "partial", "misspelled"])
+def test_a_given_data_dir_is_used_or_refused_never_replaced(tmp_path, monkeypatch, capsys, given):
+    system = tmp_path / "system"
+    system.mkdir()
+    fake_fashionmnist(system)  # a complete copy elsewhere must not stand in for the directory given
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", str(system))
+    mine = tmp_path / "mine"
+    if given != "misspelled":
+        mine.mkdir()
+    if given == "partial":
+        fake_fashionmnist(mine)
+        os.remove(mine / "t10k-labels-idx1-ubyte.gz")
+    missing = "is not a directory" if given == "misspelled" else "t10k-labels-idx1-ubyte.gz"
+    with pytest.raises(SystemExit, match=f"--data-dir {re.escape(str(mine))} .*{missing}"):
+        data.load_data("fashionmnist", "test", str(mine))
+    assert "reading" not in capsys.readouterr().out
+    if given == "partial":  # the split that is complete is read from there, and the files read are named
+        data.load_data("fashionmnist", "train", str(mine))
+        assert capsys.readouterr().out.strip() == (f"fashionmnist train: reading {mine}/train-images-idx3-ubyte.gz, "
+                                                   f"{mine}/train-labels-idx1-ubyte.gz")
+
+
+@pytest.mark.parametrize("name", ["cifar10", "stl10"])
+def test_other_readers_refuse_a_misspelled_data_dir(tmp_path, name):
+    with pytest.raises(SystemExit, match="is not a directory: correct the path"):
+        data.load_data(name, "train", str(tmp_path / "misspelled"))
 
 
 @pytest.mark.skipif(not os.path.exists(FASHION_MNIST), reason=f"{FASHION_MNIST} is not installed")
@@ -136,6 +165,29 @@ def test_cifar_reads_python_pickles(tmp_path, name):
     os.remove(tmp_path / folder / train_files[-1])
     with exits_naming(tmp_path / folder / train_files[-1]):
         data.load_data(name, "train", str(tmp_path))
+
+
+class MakesAFile:
+    """A pickle payload: unpickling it calls open(path, "w"), i.e. runs code of the file's choosing."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_cifar_batches_cannot_run_code(tmp_path):
+    fake_cifar(tmp_path, "cifar10")
+    batch, victim = tmp_path / "cifar-10-batches-py" / "test_batch", tmp_path / "pwned"
+    entry = {"data": np.zeros((1, 3072), np.uint8), "labels": [0], "payload": MakesAFile(str(victim))}
+    batch.write_bytes(pickle.dumps(entry, protocol=2))
+    with pytest.raises(SystemExit) as exit_:
+        data.load_data("cifar10", "test", str(tmp_path))
+    assert not victim.exists()
+    message = str(exit_.value)
+    assert message.startswith(f"{batch} is not a readable cifar10 batch") and "it names io.open" in message
+    assert message.count(". ") == 0 and message.endswith("download it again.")
 
 
 def test_stl10_reads_column_major_binaries(tmp_path):

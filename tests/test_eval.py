@@ -1,12 +1,14 @@
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import bench
 import knn_eval
 import linear_eval
 import models
@@ -320,3 +322,58 @@ def test_linear_eval_rejects_a_classifier_that_does_not_fit(checkpoint, tmp_path
         linear_eval.main(["--ckpt", checkpoint, "--test-subset", "100", "--evaluate", str(path)])
     with pytest.raises(SystemExit, match="pass --json OUT"):
         linear_eval.main(["--ckpt", checkpoint])
+
+
+# ----- outputs: checked before any work, never replacing another kind of file ---------------------------------------
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Any data loading fails the test: the output checks must come first."""
+    def fail(*args, **kwargs):
+        raise AssertionError("data was loaded before the output was checked")
+    monkeypatch.setattr(knn_eval, "load_data", fail)
+    monkeypatch.setattr(linear_eval.data, "load_data", fail)
+
+
+@pytest.mark.parametrize("script", [knn_eval, linear_eval])
+def test_json_never_replaces_the_checkpoint_or_another_file(checkpoint, tmp_path, no_work, script):
+    original = open(checkpoint, "rb").read()
+    with pytest.raises(SystemExit, match="is the checkpoint being evaluated: choose another --json"):
+        script.main(["--ckpt", checkpoint, "--json", checkpoint])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    with pytest.raises(SystemExit, match="exists and is not a JSON results file, so it is not replaced"):
+        script.main(["--ckpt", checkpoint, "--json", str(notes)])
+    assert open(checkpoint, "rb").read() == original and notes.read_text() == "my notes"
+
+
+def test_linear_eval_never_replaces_a_file_where_the_classifier_goes(checkpoint, tmp_path, no_work):
+    other = tmp_path / "out_classifier.pt"
+    other.write_bytes(b"not a classifier")
+    with pytest.raises(SystemExit, match="exists and is not a classifier saved by linear_eval.py"):
+        linear_eval.main(["--ckpt", checkpoint, "--json", str(tmp_path / "out.json")])
+    assert other.read_bytes() == b"not a classifier"
+
+
+@pytest.mark.parametrize("script", ["knn_eval", "linear_eval", "bench"])
+def test_an_unwritable_json_is_refused_before_any_work(checkpoint, tmp_path, no_work, monkeypatch, script):
+    blocker = tmp_path / "file"
+    blocker.write_text("a regular file: no directory can be created under it, not even by root")
+    out = str(blocker / "sub" / "out.json")
+    monkeypatch.setattr(bench, "bench_arch", lambda *a: pytest.fail("the benchmark ran before the check"))
+    main = {"knn_eval": knn_eval.main, "linear_eval": linear_eval.main, "bench": bench.main}[script]
+    flags = ["--arch", "mobilenetv3_small", "--workers", "0"] if script == "bench" else ["--ckpt", checkpoint]
+    with pytest.raises(SystemExit, match=f"--json {re.escape(out)} cannot be written, as {blocker} is not a "
+                                         f"writable directory: choose another --json."):
+        main(flags + ["--json", out])
+
+
+@pytest.mark.parametrize("script", [knn_eval, linear_eval])
+def test_a_checkpoint_with_non_finite_weights_is_refused(checkpoint, tmp_path, script):
+    ckpt = torch.load(checkpoint, weights_only=True)
+    name = next(k for k in ckpt["model"] if k.startswith("encoder_q.backbone.") and k.endswith("weight"))
+    ckpt["model"][name] = torch.full_like(ckpt["model"][name], float("nan"))
+    path = tmp_path / "diverged.pt"
+    torch.save(ckpt, path)
+    with pytest.raises(SystemExit, match=f"{re.escape(str(path))} holds NaN or inf backbone weights"):
+        script.main(["--ckpt", str(path), "--json", str(tmp_path / "out.json")])

@@ -8,8 +8,8 @@ from torch import nn
 
 from models import ARCHS, build_backbone, build_head, load_pretrained
 
-# SPEC section 5: backbone parameters (ImageNet stem, small stem), parameters with the 1000-class Linear, and d.
-SPEC = {
+# torchvision's models: backbone parameters (ImageNet stem, small stem), parameters with the 1000-class Linear, and d.
+PARAMS = {
     "resnet18": (11_176_512, 11_168_832, 11_689_512, 512),
     "resnet34": (21_284_672, 21_276_992, 21_797_672, 512),
     "resnet50": (23_508_032, 23_500_352, 25_557_032, 2048),
@@ -41,7 +41,7 @@ def cached_backbone(name, small_stem):
 
 
 def reference(name, small_stem, size):
-    """torchvision's model with its stem changed the way SPEC 5 says when small_stem, no dropout (ours has none; it
+    """torchvision's model with its stem changed the way models.py changes it when small_stem, no dropout (ours has none; it
     sits in torchvision's classifier), random BN affine parameters and biases, and BN running statistics measured on
     random images, so that BN in eval mode is exercised and the features depend on the input. Returns the model with
     its class Linear replaced by Identity, and its state dict without that Linear."""
@@ -75,7 +75,7 @@ def reference(name, small_stem, size):
 
 @pytest.mark.parametrize("name", ARCHS)
 def test_parameter_counts_match_spec(name):
-    backbone, small, with_classes, dim = SPEC[name]
+    backbone, small, with_classes, dim = PARAMS[name]
     model, d = cached_backbone(name, False)
     assert d == dim
     assert count(model) == backbone

@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -9,6 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import bench
+import knn_eval
+import linear_eval
 import pretrain
 from models import MoCo, SplitBatchNorm, split_batchnorm
 
@@ -223,3 +227,146 @@ def test_fashion_mnist_features_beat_random_init(tmp_path):
     random_init, learned = knn[0], knn[-1]
     # 5000 kNN queries: one standard error of a top-1 near 67% is about 0.7 points.
     assert learned > random_init + 2.5, knn
+
+
+# ----- the numeric flags of every script ----------------------------------------------------------------------
+
+ZERO_OK = {  # 0 means something for these
+    "pretrain": "--mlp-hidden --img-size --workers --wd --warmup-epochs --max-steps --seed --knn-every --smooth --moco-m",
+    "knn_eval": "--img-size --seed --workers", "linear_eval": "--img-size --seed --workers --wd",
+    "bench": "--warmup --mlp-hidden --workers"}
+NUMERIC = {
+    "pretrain": (pretrain.get_args, "--mlp-hidden --moco-dim --moco-k --bn-splits --smooth-k --img-size --workers "
+                                    "--epochs --batch-size --max-steps --seed --knn-every --log-every",
+                 "--moco-m --moco-t --smooth --lr --wd --warmup-epochs"),
+    "knn_eval": (knn_eval.get_args, "--img-size --seed --batch-size --workers --k --diag-per-class --chunk", "--t"),
+    "linear_eval": (linear_eval.get_args, "--img-size --seed --batch-size --workers --epochs --schedule",
+                    "--lr --wd"),
+    "bench": (bench.get_args, "--img-size --batch-size --warmup --steps --moco-k --mlp-hidden --bn-splits "
+                              "--workers --batches", ""),
+}
+SWEEP = [(script, flag, value) for script, (_, ints, floats) in NUMERIC.items()
+         for kind, flags in (("int", ints), ("float", floats)) for flag in flags.split()
+         for value in ["0", "-3", "nan", "inf", "9" * 30 if kind == "int" else "1e30", "ten"]
+         if not (value == "0" and flag in ZERO_OK[script].split())]
+
+
+@pytest.mark.parametrize("script, flag, value", SWEEP)
+def test_every_bad_number_ends_with_one_sentence(script, flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        NUMERIC[script][0]([flag, value])
+    assert exit_.value.code == 2  # argparse's usage error: the flag, the value and the allowed range
+    assert f"error: argument {flag}: {value} is not a" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("flags, sentence", [
+    (["--img-size", "7"], "7 px is below the 16 px the networks need"),
+    (["--epochs", "2", "--warmup-epochs", "2"], "--warmup-epochs 2 must be below --epochs 2."),
+    (["--smooth-k", "40"], "--smooth-k 40 exceeds the 32 queue entries."),
+])
+def test_pretrain_refuses_numbers_that_do_not_fit_together(tmp_path, flags, sentence, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run(tmp_path, *flags)
+    assert exit_.value.code != 0
+    assert sentence in str(exit_.value) + capsys.readouterr().err
+
+
+def test_the_defaults_run_and_the_queue_advice_fits_the_data(tmp_path):
+    defaults = pretrain.get_args([])
+    assert defaults.moco_k == 4096 and defaults.workers <= (os.cpu_count() or 1)
+    pretrain.check_setup(defaults, 60_000, 1)  # Fashion-MNIST's training set
+    assert pretrain.queue_advice(60_000, 256) == "use e.g. --moco-k 4096 on 60000 images"
+    assert pretrain.queue_advice(20_000, 256) == "use e.g. --moco-k 2048 on 20000 images"
+    assert pretrain.queue_advice(2_000, 256).startswith("2000 images are too few for a queue that holds one step's "
+                                                        "256 keys")
+    with pytest.raises(SystemExit, match="the 2000 training images.*use e.g. --moco-k 128 on 2000 images"):
+        pretrain.check_setup(pretrain.get_args(["--batch-size", "64", "--moco-k", "2000"]), 2000, 1)
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_an_unusable_out_is_refused_before_any_work(tmp_path, monkeypatch, where):
+    monkeypatch.setattr(pretrain.data, "load_data", lambda *a: pytest.fail("data was loaded before --out was checked"))
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    out = blocker if where == "a file" else blocker / "run"
+    sentence = "is a file, not a run directory" if where == "a file" else f"as {blocker} is not a writable directory"
+    with pytest.raises(SystemExit, match=f"--out {re.escape(str(out))} .*{sentence}: choose another --out."):
+        pretrain.main(TINY + ["--out", str(out)])
+    assert blocker.read_text() == "keep me"
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
+    """A huge lr: the first step's loss is finite, the update is not. The run stops before its checkpoint."""
+    real = pretrain.train_step
+
+    def step_then_break(model, raw, *args, **kwargs):
+        out = real(model, raw, *args, **kwargs)
+        with torch.no_grad():
+            next(raw.encoder_q.parameters()).fill_(float("inf"))
+        return out
+    monkeypatch.setattr(pretrain, "train_step", step_then_break)
+    with pytest.raises(SystemExit, match="became NaN or inf by step 1; stopped without saving"):
+        run(tmp_path, "--aug-backend", "batched", "--max-steps", "1")
+    assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")
+
+
+# ----- interruptions and resuming -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["missing", "partial last line"])
+def test_resume_repairs_a_log_the_kill_left_behind(tmp_path, damage):
+    out, _ = run(tmp_path, "--aug-backend", "batched", "--max-steps", "4")
+    log_path = os.path.join(out, "log.jsonl")
+    complete = open(log_path).read()
+    if damage == "missing":
+        os.remove(log_path)
+    else:  # records of step 6 after the checkpoint of step 4, the last one cut short
+        with open(log_path, "a") as f:
+            f.write('{"epoch": 1, "step": 6, "loss": 1.0}\n{"epoch": 1, "st')
+    run(tmp_path, "--aug-backend", "batched", "--resume")
+    lines = open(log_path).read().splitlines(keepends=True)
+    kept = [] if damage == "missing" else complete.splitlines(keepends=True)
+    assert lines[:len(kept)] == kept
+    assert [json.loads(line)["step"] for line in lines[len(kept):]] == [6, 8, 8]  # this session's records alone
+
+
+def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tmp_path, monkeypatch, capsys):
+    out, _ = run(tmp_path, "--aug-backend", "batched", "--max-steps", "4")
+    ckpt = os.path.join(out, "checkpoint.pt")
+    good = open(ckpt, "rb").read()
+    open(ckpt + ".tmp", "wb").write(good[:100])  # a save that was killed
+    real, steps = pretrain.train_step, []
+
+    def step_then_ctrl_c(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(pretrain, "train_step", step_then_ctrl_c)
+    argv = TINY + ["--out", out, "--aug-backend", "batched", "--resume"]
+    with pytest.raises(SystemExit) as exit_:
+        pretrain.main(argv)
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err.strip() == (f"interrupted; the last checkpoint, {ckpt}, holds step 4: resume with "
+                                               f"`python3 pretrain.py {' '.join(argv)}`.")
+    assert open(ckpt, "rb").read() == good and not os.path.exists(ckpt + ".tmp")
+
+
+def test_duration_has_days_past_24_hours():
+    assert pretrain.duration(25 * 3600) == "1d 01:00:00"
+    assert pretrain.duration(3599.6) == "01:00:00"
+
+
+def test_resume_takes_the_checkpoint_flags_and_names_every_conflict(tmp_path):
+    out, _ = run(tmp_path, "--aug-backend", "batched", "--max-steps", "2")
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["complete"] is False and summary["steps"] == 2
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    peak = 0.05 * 16 / 256  # --max-steps stops the full 8-step schedule early: step 2 has the cosine's lr of 8 steps
+    assert log[0]["step"] == 2 and log[0]["lr"] == pytest.approx(pretrain.lr_at(1, 8, 0, peak))
+    assert log[0]["lr"] != pytest.approx(pretrain.lr_at(1, 2, 0, peak))
+    with pytest.raises(SystemExit, match=r"trained with --arch mobilenetv3_small, not resnet18; no --symmetric; "
+                                         r"--lr 0.05, not 0.1: leave out these flags"):
+        pretrain.main(["--out", out, "--resume", "--arch", "resnet18", "--lr", "0.1", "--symmetric"])
+    pretrain.main(["--out", out, "--resume", "--lr", "0.05"])  # the rest from the checkpoint, to the end
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["complete"] is True and summary["steps"] == 8 and summary["args"]["aug_backend"] == "batched"
