@@ -371,6 +371,9 @@ def run(args, argv):
     aug_gen = torch.Generator(device=device).manual_seed(args.seed + rank)
     raw, optimizer, scaler, autocast = build(args, device)
 
+    # on its device before the optimizer state is loaded: load_state_dict puts SGD's momentum buffers on the device
+    # of their parameters, so a resumed GPU run does not mix devices
+    raw.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     step, wall_before = 0, 0.0  # wall_before: seconds the steps of a resumed checkpoint took
     if ckpt is not None:
         try:
@@ -386,7 +389,6 @@ def run(args, argv):
             aug_gen.set_state(ckpt["rng"][rank]["aug"])
             if "cuda" in ckpt["rng"][rank] and device.type == "cuda":
                 torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
-    raw.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     if args.compile:
         raw.encoder_q.compile()
         raw.encoder_k.compile()

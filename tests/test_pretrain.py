@@ -215,11 +215,11 @@ def test_two_process_ddp_run_keeps_ranks_identical(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(FMNIST), reason="needs Debian's dataset-fashion-mnist")
 def test_fashion_mnist_features_beat_random_init(tmp_path):
-    # The demo recipe on 20k real images, 8 short epochs (~3.5 min on 2 cores). Without --head-bn this run
+    # 20k real images, 8 short epochs (~3.5 min on 2 cores), lr 0.06 at batch 128 (--lr is per 256 images). Without --head-bn this run
     # collapses (all queries drift towards one direction) and ends well below random init: see README.
     out = str(tmp_path / "fmnist")
     pretrain.main(["--arch", "mobilenetv3_small", "--data", "fashionmnist", "--subset", "20000", "--epochs", "8",
-                   "--batch-size", "128", "--moco-k", "1024", "--moco-m", "0.99", "--moco-t", "0.1", "--lr", "0.06",
+                   "--batch-size", "128", "--moco-k", "1024", "--moco-m", "0.99", "--moco-t", "0.1", "--lr", "0.12",
                    "--wd", "5e-4", "--mlp-hidden", "512", "--head-bn", "--aug", "small", "--aug-backend", "batched",
                    "--bn-splits", "8", "--channels-last", "--knn-every", "4", "--knn-subset", "5000",
                    "--log-every", "100", "--out", out])
@@ -370,3 +370,23 @@ def test_resume_takes_the_checkpoint_flags_and_names_every_conflict(tmp_path):
     pretrain.main(["--out", out, "--resume", "--lr", "0.05"])  # the rest from the checkpoint, to the end
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["complete"] is True and summary["steps"] == 8 and summary["args"]["aug_backend"] == "batched"
+
+
+def test_resume_loads_the_optimizer_state_after_the_model_is_on_its_device(tmp_path, monkeypatch):
+    # SGD's load_state_dict puts the momentum buffers on the device of their parameters at that moment: loading before
+    # the move to a GPU left them on the CPU and the first step after --resume mixed devices.
+    out, _ = run(tmp_path, "--aug-backend", "batched", "--max-steps", "2")
+    calls, seen = [], {}
+    to, load = pretrain.MoCo.to, torch.optim.SGD.load_state_dict
+    monkeypatch.setattr(pretrain.MoCo, "to", lambda self, *a, **k: calls.append("model to device") or to(self, *a, **k))
+
+    def load_and_keep(self, state):
+        calls.append("optimizer state loaded")
+        load(self, state)
+        seen["optimizer"] = self
+
+    monkeypatch.setattr(torch.optim.SGD, "load_state_dict", load_and_keep)
+    run(tmp_path, "--aug-backend", "batched", "--max-steps", "3", "--resume")
+    assert calls.index("model to device") < calls.index("optimizer state loaded")
+    state = seen["optimizer"].state
+    assert state and all(s["momentum_buffer"].device == p.device for p, s in state.items())
