@@ -39,7 +39,7 @@ elif works python3; then
 else
   echo "set-up: python3 has no working torch/torchvision pair; installing requirements.txt into ./.venv (once)"
   python3 -m venv .venv
-  .venv/bin/python -m pip install --isolated -q -r requirements.txt
+  .venv/bin/python -m pip install --isolated --disable-pip-version-check -q -r requirements.txt
   works .venv/bin/python || { echo "set-up failed: .venv/bin/python cannot import torch and torchvision." >&2; exit 1; }
   PY=.venv/bin/python
 fi
