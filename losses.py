@@ -27,10 +27,13 @@ def info_nce(q, k, queue, tau):
 
 
 def tier_bounds(num_neighbors):
-    """Rank boundaries of the three tiers: for k = 20, ranks 1-2, 3-8 and 9-20 (the first 10%, 40%, 100%)."""
+    """Rank boundaries (b1, b2) of the three tiers, ranks 1..b1, b1+1..b2 and b2+1..k. light-moco's (ICME'23) are
+    k 5: 1, 3; k 10: 1, 4; k 20: 2, 8; k 30: 3, 12. The rule that gives exactly those, and holds for any k >= 3:
+    b1 = ceil(k / 10), b2 = max(ceil(2k / 5), b1 + 2), with b2 at most k - 1 so that no tier is empty."""
     if num_neighbors < 3:
         raise ValueError(f"the tiered target needs at least 3 neighbours, got {num_neighbors}")
-    return math.ceil(num_neighbors / 10), math.ceil(2 * num_neighbors / 5)
+    b1 = math.ceil(num_neighbors / 10)
+    return b1, min(max(math.ceil(2 * num_neighbors / 5), b1 + 2), num_neighbors - 1)
 
 
 @torch.no_grad()

@@ -85,6 +85,14 @@ def test_tiered_target_puts_half_quarter_quarter_on_rank_tiers():
     assert tier_bounds(20) == (2, 8)
 
 
+def test_tier_bounds_match_light_moco_and_never_leave_a_tier_empty():
+    # light-moco's rank boundaries [0, b1, b2, k] for these k (ICME'23 code, read for the fidelity review)
+    assert {k: tier_bounds(k) for k in (5, 10, 20, 30)} == {5: (1, 3), 10: (1, 4), 20: (2, 8), 30: (3, 12)}
+    for k in range(3, 200):
+        b1, b2 = tier_bounds(k)
+        assert 0 < b1 < b2 < k, k
+
+
 def test_uniform_target_is_label_smoothing_over_the_queue():
     q, k, queue = embeddings(num_neg=30)
     eps, tau = 0.1, 0.2
