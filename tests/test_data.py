@@ -468,7 +468,7 @@ def test_batched_ops_match_torchvision_functional():
     p = identity_params(6, 32)
     p["box"][:, :] = torch.tensor([0, 0, 32, 32])
     assert torch.allclose(data.BatchedAugment("small", 20, mean, std).apply(images, p),
-                          normalise(TF.resize(x, [20, 20], antialias=False), mean, std), atol=1e-5)
+                          normalise(TF.resize(x, [20, 20], antialias=False), mean, std), atol=5e-5)
 
     factors = torch.tensor([[0.6, 1.3, 0.7, 0.1], [1.4, 0.6, 1.4, -0.1], [1.0, 1.8, 0.2, 0.4],
                             [0.2, 0.5, 1.7, -0.4], [1.2, 1.0, 0.0, 0.25], [0.7, 0.9, 1.1, -0.05]])

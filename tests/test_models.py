@@ -140,7 +140,8 @@ def test_feature_shape_total_stride_and_channels_last(name):
                     side = math.ceil(size / stride)  # 'same' padding: each stride-2 layer maps H to ceil(H / 2)
                     assert pooled_input[-1][-2:] == (side, side)
                     if size == 32:
-                        torch.testing.assert_close(y, model(x), atol=1e-4, rtol=1e-4)
+                        # two kernel families by design: the tolerance scales with the output's size
+                        torch.testing.assert_close(y, model(x), atol=1e-5 * y.abs().max().item(), rtol=1e-4)
         finally:
             hook.remove()
 
