@@ -12,7 +12,7 @@
 #   PYTHON=/path/to/python bash run_all.sh                    use that interpreter as it is (no set-up)
 #
 #   preset    data                             pretraining                         expected cost
-#   demo      embedded Fashion-MNIST, 20k      28 px, ImageNet stem, 6 epochs      55-75 min on a 2-core CPU
+#   demo      embedded Fashion-MNIST, 20k      28 px, ImageNet stem, 6 epochs      about 55 min on a 2-core CPU
 #   fmnist    Fashion-MNIST, 60k               28 px, small stem, 200 epochs       hours on one GPU
 #   cifar10   CIFAR-10 (DATA_DIR)              32 px, small stem, 200 epochs       hours on one GPU
 #   imagenet  ImageFolder train/ val/ (DATA_DIR) 224 px, 200 epochs, 8 GPUs        days on 8 GPUs
@@ -24,7 +24,7 @@
 set -euo pipefail
 shopt -s extglob
 cd "$(dirname "$0")"
-DEMO_COST="about 1 h on a 2-core CPU"  # measured: see README, "The demo study"
+DEMO_COST="about 55 min on a 2-core CPU"  # measured: see README, "The demo study"
 
 # --- set-up: a python with a working torch/torchvision pair, and the embedded data set --------------------------
 # python3 as it is when it imports torch and torchvision (a mismatched pair fails at import); otherwise a
