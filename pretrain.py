@@ -463,8 +463,11 @@ def run(args, argv):
             loss, acc = train_step(model, raw, x1, x2, optimizer, scaler, autocast, args, step, total_steps,
                                    warmup_steps, teacher)
             step += 1
-            interval_steps, epoch_steps, images_seen = interval_steps + 1, epoch_steps + 1, images_seen + args.batch_size
-            interval += torch.stack([loss, acc])  # no host sync here: the means are read once per interval
+            interval_steps, epoch_steps = interval_steps + 1, epoch_steps + 1
+            images_seen += args.batch_size
+            sums = torch.stack([loss, acc])  # no host sync here: the means are read once per interval
+            interval += sums
+            epoch_sum += sums
             if step % args.log_every == 0 or step == last_step:
                 mean_loss, mean_acc = (interval / interval_steps).tolist()
                 check_finite(mean_loss, step, args.out)
@@ -478,19 +481,17 @@ def run(args, argv):
                     print(f"epoch {epoch + 1}/{args.epochs} step {step}/{last_step} loss {mean_loss:.4f} "
                           f"acc {mean_acc:5.1f}% lr {lr:.4f} eps {eps:.3f} {speed:6.0f} img/s "
                           f"eta {duration((last_step - step) * args.batch_size / speed)}", flush=True)
-                epoch_sum += interval
                 interval.zero_()
                 interval_steps = 0
             if step == last_step:
                 break
         pause = time.time()
-        epoch_sum += interval
-        interval.zero_()
         epoch_loss, epoch_acc = (epoch_sum / max(1, epoch_steps)).tolist()
         check_finite(epoch_loss, step, args.out)
         if step % steps_per_epoch == 0:  # the health curve: pretext accuracy and loss averaged over the epoch
             log({"epoch": step // steps_per_epoch, "step": step, "epoch_loss": epoch_loss, "epoch_acc": epoch_acc,
                  "epoch_steps": epoch_steps})
+        interval.zero_()  # the next logging interval starts with the epoch
         epoch_sum.zero_()
         epoch_steps = interval_steps = 0
         if step % steps_per_epoch == 0 and knn_sets is not None and (step // steps_per_epoch) % args.knn_every == 0:
