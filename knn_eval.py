@@ -1,5 +1,6 @@
 """kNN evaluation and over-clustering diagnostics of a pretrained or randomly initialised backbone
-(weighted kNN: Wu et al. 2018, InstDisc; alignment and uniformity: Wang & Isola 2020).
+(weighted kNN: Wu et al. 2018, InstDisc; alignment and uniformity: Wang & Isola 2020; the diagnostics as the
+AAAI'22 paper's code, WOWNICE/ssl-small, measures them).
 
     python knn_eval.py --ckpt runs/mnv3s/checkpoint.pt --subset 10000 --k 20 200 --sweep --diagnostics --json OUT
     python knn_eval.py --arch mobilenetv3_small --random-init --data fashionmnist --subset 10000 --json OUT
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 import data
 import models
-from data import (AUGS, DATASETS, BatchedAugment, TwoViewDataset, default_img_size, eval_loader,
+from data import (DATASETS, BatchedAugment, TwoViewDataset, default_img_size, eval_loader,
                   exit_on_unreadable_image, load_data, view_transform)
 
 BEST_NN_KS = tuple(range(1, 102, 2))
@@ -101,28 +102,31 @@ def uniformity(z, t=2.0, chunk=1024):
 
 
 def intra_class_alignment(z, labels, num_classes):
-    """Mean ||z_i - z_j||^2 over all pairs i != j of different images of the same class. Per class of n images,
+    """ssl-small's intra-class alignment: per class, the mean ||z_i - z_j||^2 over its pairs i != j; then the mean
+    over the classes that have at least two images. Per class of n images,
     sum_{i,j} ||z_i - z_j||^2 = 2 n sum_i ||z_i||^2 - 2 ||sum_i z_i||^2."""
     z = z.double()
     n = torch.bincount(labels, minlength=num_classes).double()
     sums = torch.zeros(num_classes, z.shape[1], dtype=z.dtype, device=z.device).index_add_(0, labels, z)
     sq = torch.zeros(num_classes, dtype=z.dtype, device=z.device).index_add_(0, labels, z.pow(2).sum(1))
-    return ((2 * n * sq - 2 * sums.pow(2).sum(1)).sum() / (n * (n - 1)).sum()).item()
+    pairs = n > 1
+    per_class = (2 * n * sq - 2 * sums.pow(2).sum(1))[pairs] / (n * (n - 1))[pairs]
+    return per_class.mean().item()
 
 
-def instance_accuracy(z1, z2, chunk=1024):
-    """% of the 2N views whose nearest neighbour (cosine, L2-normalised features) among the other 2N - 1 views is the
-    other view of its own image; equal similarities pick the lower index."""
-    z = torch.cat([z1, z2])
-    n = len(z1)
-    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+def instance_accuracy(originals, views, chunk=1024):
+    """ssl-small's instance discrimination: % of images whose original (evaluation transform) is more similar to its
+    own augmented view than to the original of every other image (cosine, L2-normalised features); a tie is a miss."""
+    n = len(originals)
     hits = 0
-    for start in range(0, 2 * n, chunk):
-        sim = z[start:start + chunk] @ z.T
-        rows = torch.arange(len(sim), device=z.device)
-        sim[rows, rows + start] = -math.inf
-        hits += (sim.argmax(1) == partner[start:start + chunk]).sum().item()
-    return 100 * hits / (2 * n)
+    for start in range(0, n, chunk):
+        o = originals[start:start + chunk]
+        rows = torch.arange(len(o), device=o.device)
+        others = o @ originals.T
+        others[rows, rows + start] = -math.inf  # its own original is not a candidate
+        positive = (o * views[start:start + chunk]).sum(1)
+        hits += (positive > others.max(1).values).sum().item()
+    return 100 * hits / n
 
 
 # ----- features -------------------------------------------------------------------------------------------------
@@ -147,13 +151,15 @@ def extract_features(model, data, img_size, batch_size=256, device="cpu", worker
 @torch.no_grad()
 def reestimate_bn(model, data, img_size, batch_size=256, device="cpu", workers=0):
     """Set every BatchNorm layer's running statistics to the average of its batch statistics over data's images under
-    the evaluation transform; no weight changes. Returns the model in eval mode."""
+    the evaluation transform, the rest of the network in eval mode; no weight changes. Returns the model in eval
+    mode."""
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
+    model.eval()  # everything but BN as in evaluation (EfficientNet's stochastic depth off)
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the batches
-    model.train()
+        m.train()
     for x, _ in eval_loader(data, img_size, batch_size, workers, device):
         model(x)
     for m, momentum in zip(norms, momenta):
@@ -172,13 +178,15 @@ def knn_monitor(backbone, train_data, test_data, img_size, device, k=200, t=0.1)
 
 @torch.no_grad()
 def view_features(model, data, aug, img_size, seed, batch_size, device, workers=0):
-    """L2-normalised features of two augmented views of each image, (z1, z2), reproducible for a seed: in-memory
-    images through BatchedAugment with a seeded CPU generator (the same views on any device), image files through
-    view_transform in a DataLoader after seeding torch."""
+    """L2-normalised features of two augmented views of each image, (z1, z2), in data-set order and reproducible for
+    a seed: in-memory images through BatchedAugment with a seeded CPU generator, all images at once (the same views
+    on any device and for any batch size), image files through view_transform in a DataLoader after seeding torch.
+    The model runs in eval mode."""
     model.eval()
     if data.images is not None:
         augment, gen = BatchedAugment(aug, img_size, data.mean, data.std), torch.Generator().manual_seed(seed)
-        batches = ((augment(x, gen), augment(x, gen)) for x in data.images.to(device).split(batch_size))
+        images = data.images.to(device)
+        batches = zip(augment(images, gen).split(batch_size), augment(images, gen).split(batch_size))
     else:
         torch.manual_seed(seed)
         batches = torch.utils.data.DataLoader(TwoViewDataset(data, view_transform(aug, img_size, data.mean, data.std)),
@@ -188,6 +196,29 @@ def view_features(model, data, aug, img_size, seed, batch_size, device, workers=
         z1.append(F.normalize(model(batch[0].to(device)).float(), dim=1))
         z2.append(F.normalize(model(batch[1].to(device)).float(), dim=1))
     return torch.cat(z1), torch.cat(z2)
+
+
+# ssl-small's diagnostics see MoCo-v2's views of a fixed set of images, drawn once: the same inputs for every
+# checkpoint and recipe, whatever augmentation or seed a checkpoint was trained with.
+DIAG_AUG, DIAG_SEED = "mocov2", 0
+
+
+def diagnostics(model, data_name, data_dir, per_class, img_size, batch_size, device, workers=0, chunk=1024):
+    """Over-clustering diagnostics as ssl-small measures them (eval/stats-dist.py, eval/instdisc.py): per_class
+    training images of each class, each seen as its original (the evaluation transform) and as two MoCo-v2 views.
+    Alignment original-view and view-view, uniformity (t 2) and intra-class alignment of the originals and of the
+    first views, and instance accuracy (the original finds its own view; instance_accuracy). Uniformity is the exact
+    mean over all pairs, where ssl-small averages three random samples of 128 images."""
+    fixed = load_data(data_name, "train", data_dir, f"{per_class}/class", DIAG_SEED)
+    originals = F.normalize(extract_features(model, fixed, img_size, batch_size, device, workers)[0].to(device), dim=1)
+    view1, view2 = view_features(model, fixed, DIAG_AUG, img_size, DIAG_SEED, batch_size, device, workers)
+    y, c = fixed.labels.to(device), fixed.num_classes
+    return {"n_images": len(fixed), "aug": DIAG_AUG, "seed": DIAG_SEED,
+            "alignment_original_view": alignment(originals, view1), "alignment_view_view": alignment(view1, view2),
+            "uniformity_original": uniformity(originals, chunk=chunk), "uniformity_view": uniformity(view1, chunk=chunk),
+            "intra_class_original": intra_class_alignment(originals, y, c),
+            "intra_class_view": intra_class_alignment(view1, y, c),
+            "instance_accuracy": instance_accuracy(originals, view1, chunk)}
 
 
 # ----- the network and its data, shared with linear_eval.py ---------------------------------------------------------
@@ -226,7 +257,7 @@ def load_model(args):
             raise SystemExit("--random-init needs --arch NAME: the architecture to initialise.")
         if args.encoder != "query":
             raise SystemExit("--encoder key needs a --ckpt: a random initialisation has a single encoder.")
-        args.data, args.pretrain_data, args.pretrain_aug = args.data or "fashionmnist", None, None
+        args.data, args.pretrain_data = args.data or "fashionmnist", None
         args.seed = 0 if args.seed is None else args.seed
         args.img_size = args.img_size or default_img_size(args.data)
         torch.manual_seed(args.seed)
@@ -242,7 +273,7 @@ def load_model(args):
             raise SystemExit(f"{args.ckpt} was trained with {trained}: drop the contradicting flag, the checkpoint's "
                              f"setting is used.")
     args.arch, args.small_stem = saved["arch"], bool(saved.get("small_stem"))
-    args.pretrain_data, args.pretrain_aug = saved.get("data"), saved.get("aug")
+    args.pretrain_data = saved.get("data")
     args.data = args.data or args.pretrain_data or "fashionmnist"
     same_data = args.data == args.pretrain_data
     args.data_dir = args.data_dir or (saved.get("data_dir") if same_data else None)
@@ -322,10 +353,9 @@ def get_args(argv=None):
     a("--t", type=data.float_flag(0, 100, low_open=True), default=0.1,
       help="temperature of the kNN vote weights exp(sim / t)")
     a("--sweep", action="store_true", help="also best-NN: Euclidean, majority vote, best k in 1, 3, ..., 101")
-    a("--diagnostics", action="store_true", help="alignment, uniformity, intra-class alignment, instance accuracy")
+    a("--diagnostics", action="store_true", help="ssl-small's alignment, uniformity, intra-class alignment and "
+                                                  "instance accuracy on fixed images and MoCo-v2 views")
     a("--diag-per-class", type=count(2, 10**6), default=50, help="training images per class for the diagnostics")
-    a("--diag-aug", choices=AUGS, default=None, help="views for the diagnostics; default: the checkpoint's --aug, "
-                                                      "else mocov2")
     a("--reestimate-bn", action="store_true", help="with --random-init: first set the BN running statistics to "
                                                    "those of the training images (no learning)")
     a("--chunk", type=count(1, 2**24), default=1024, help="query rows of the similarity matrix held at a time")
@@ -375,17 +405,13 @@ def main(argv=None):
         results["best_nn"] = {"k": best, "top1": by_k[best], "by_k": by_k}
         print(f"{'best-NN (Euclidean)':<22}{best:>5}{by_k[best]:>8.2f}{'-':>8}")
     if args.diagnostics:
-        aug = args.diag_aug or args.pretrain_aug or "mocov2"
-        fixed = load_data(args.data, "train", args.data_dir, f"{args.diag_per_class}/class", args.seed)
-        z1, z2 = view_features(model, fixed, aug, args.img_size, args.seed, args.batch_size, device, args.workers)
-        y = fixed.labels.to(device)
-        results["diagnostics"] = diag = {
-            "alignment": alignment(z1, z2), "uniformity": uniformity(z1, chunk=args.chunk),
-            "intra_class_alignment": intra_class_alignment(z1, y, fixed.num_classes),
-            "instance_accuracy": instance_accuracy(z1, z2, args.chunk), "n_images": len(fixed), "aug": aug}
-        print(f"diagnostics on {len(fixed)} images x 2 {aug} views: alignment {diag['alignment']:.4f}, "
-              f"uniformity {diag['uniformity']:.4f}, intra-class alignment {diag['intra_class_alignment']:.4f}, "
-              f"instance accuracy {diag['instance_accuracy']:.2f}%")
+        results["diagnostics"] = d = diagnostics(model, args.data, args.data_dir, args.diag_per_class, args.img_size,
+                                                 args.batch_size, device, args.workers, args.chunk)
+        print(f"diagnostics on {d['n_images']} images (original and two {d['aug']} views each): alignment "
+              f"original-view {d['alignment_original_view']:.4f}, view-view {d['alignment_view_view']:.4f}; "
+              f"uniformity {d['uniformity_original']:.4f} / {d['uniformity_view']:.4f}; intra-class alignment "
+              f"{d['intra_class_original']:.4f} / {d['intra_class_view']:.4f} (originals / views); instance accuracy "
+              f"{d['instance_accuracy']:.2f}%")
     results["seconds"] = time.time() - start
     print(f"{results['seconds']:.1f} s on {device}")
     if args.json:

@@ -140,20 +140,33 @@ def test_uniformity_against_numpy(views):
 
 
 def test_intra_class_alignment_against_numpy(views):
+    # classes of 5, 10 and 15 images: the mean over classes differs from the mean over all same-class pairs
     z, labels = views[0].double().numpy(), views[2].numpy()
-    d2 = [np.sum((z[i] - z[j]) ** 2) for i in range(30) for j in range(30) if i != j and labels[i] == labels[j]]
-    assert intra_class_alignment(views[0], views[2], 3) == pytest.approx(np.mean(d2), rel=1e-6)
+    per_class = [np.mean([np.sum((z[i] - z[j]) ** 2) for i in range(30) for j in range(30)
+                          if i != j and labels[i] == labels[j] == c]) for c in range(3)]
+    assert intra_class_alignment(views[0], views[2], 4) == pytest.approx(np.mean(per_class), rel=1e-6)  # class 3 empty
 
 
 def test_instance_accuracy_against_numpy(views):
-    z = np.concatenate([views[0].double().numpy(), views[1].double().numpy()])
+    originals, own_views = views[0].double().numpy(), views[1].double().numpy()
     hits = []
-    for a in range(60):
-        sims = [np.dot(z[a], z[b]) if b != a else -np.inf for b in range(60)]
-        hits.append(int(np.argmax(sims)) == (a + 30) % 60)
+    for i in range(30):
+        others = max(np.dot(originals[i], originals[j]) for j in range(30) if j != i)
+        hits.append(np.dot(originals[i], own_views[i]) > others)
     expected = 100 * np.mean(hits)
     assert 0 < expected < 100  # both outcomes occur, so a wrong partner or a missed self-exclusion shows
     assert instance_accuracy(views[0], views[1], chunk=7) == pytest.approx(expected)
+    assert instance_accuracy(views[0], views[0]) == 100  # each original is its own view: nothing beats cosine 1
+
+
+def test_diagnostics_see_the_same_images_and_views_for_every_checkpoint():
+    torch.manual_seed(0)
+    backbone, _ = models.build_backbone("mobilenetv3_small")
+    first = knn_eval.diagnostics(backbone, "synthetic", None, 5, 32, 64, "cpu")
+    again = knn_eval.diagnostics(backbone, "synthetic", None, 5, 32, 16, "cpu")  # another batch size
+    assert first == pytest.approx(again, rel=1e-4) and first["aug"] == "mocov2" and first["n_images"] == 50
+    assert first["alignment_original_view"] != first["alignment_view_view"]
+    assert first["uniformity_original"] != first["uniformity_view"]
 
 
 # ----- the linear-evaluation sanity check ---------------------------------------------------------------------------
@@ -232,8 +245,11 @@ def test_knn_eval_random_init_end_to_end(tmp_path):
     assert [r["k"] for r in res["knn"]] == [20, 200] and all(0 <= r["top1"] <= r["top5"] <= 100 for r in res["knn"])
     assert res["best_nn"]["top1"] == max(res["best_nn"]["by_k"].values())
     diag = res["diagnostics"]
-    assert diag["n_images"] == 50 and diag["aug"] == "mocov2" and 0 <= diag["alignment"] <= 4
-    assert -4 <= diag["uniformity"] <= 0 and 0 <= diag["instance_accuracy"] <= 100
+    assert diag["n_images"] == 50 and diag["aug"] == "mocov2" and diag["seed"] == 0
+    assert all(0 <= diag[k] <= 4 for k in ("alignment_original_view", "alignment_view_view", "intra_class_original",
+                                            "intra_class_view"))
+    assert all(-4 <= diag[k] <= 0 for k in ("uniformity_original", "uniformity_view"))
+    assert 0 <= diag["instance_accuracy"] <= 100
 
 
 def test_reestimate_bn_sets_the_statistics_of_the_data_and_nothing_else():
@@ -250,6 +266,20 @@ def test_reestimate_bn_sets_the_statistics_of_the_data_and_nothing_else():
     assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in weights.items())
 
 
+def test_reestimate_bn_runs_without_stochastic_depth():
+    # EfficientNet-B0's stochastic depth would drop random blocks while the statistics are gathered: twice the same
+    # images must give the same statistics
+    data = load_data("synthetic", "train", subset="32")
+    stats = []
+    for seed in (1, 2):
+        torch.manual_seed(0)
+        backbone, _ = models.build_backbone("efficientnet_b0")
+        torch.manual_seed(seed)  # another random stream: it would drop other blocks
+        knn_eval.reestimate_bn(backbone, data, 32, batch_size=16)
+        stats.append(torch.cat([m.running_var for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]))
+    torch.testing.assert_close(stats[0], stats[1], atol=0, rtol=0)
+
+
 def test_knn_eval_reestimated_reference(tmp_path):
     plain = knn_eval.main(["--arch", "mobilenetv3_small", "--random-init", *SMALL, "--k", "20"])
     bn = knn_eval.main(["--arch", "mobilenetv3_small", "--random-init", "--reestimate-bn", *SMALL, "--k", "20"])
@@ -262,7 +292,7 @@ def test_knn_eval_checkpoint_end_to_end(checkpoint, tmp_path):
     res = knn_eval.main(["--ckpt", checkpoint, "--test-subset", "100", "--k", "20", "--diagnostics",
                          "--diag-per-class", "5", "--json", str(tmp_path / "q.json")])
     assert (res["subset"], res["n_bank"], res["img_size"], res["data"]) == ("200", 200, 32, "synthetic")  # stored
-    assert res["diagnostics"]["aug"] == "small"  # the checkpoint's pretraining views
+    assert res["diagnostics"]["aug"] == "mocov2"  # not the checkpoint's pretraining views ("small"): fixed views
     key = knn_eval.main(["--ckpt", checkpoint, "--test-subset", "100", "--k", "20", "--encoder", "key"])
     head = knn_eval.main(["--ckpt", checkpoint, "--test-subset", "100", "--k", "20", "--features", "head"])
     assert head["feat_dim"] == 16 and key["encoder"] == "key"
