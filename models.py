@@ -390,6 +390,9 @@ class MoCo(nn.Module):
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():
             p.requires_grad = False
+        for m in self.encoder_k.modules():  # EfficientNet: stochastic depth regularises the query encoder only;
+            if isinstance(m, InvertedResidual):  # the keys (the targets) come from the whole network, as DINO's teacher
+                m.drop_prob = 0.0
         self.register_buffer("queue", F.normalize(torch.randn(dim, queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 

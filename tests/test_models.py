@@ -6,7 +6,7 @@ import torch
 import torchvision
 from torch import nn
 
-from models import ARCHS, build_backbone, build_head, load_pretrained
+from models import ARCHS, InvertedResidual, MoCo, build_backbone, build_head, load_pretrained
 
 # torchvision's models: backbone parameters (ImageNet stem, small stem), parameters with the 1000-class Linear, and d.
 PARAMS = {
@@ -157,6 +157,15 @@ def test_stochastic_depth_only_in_training():
         assert not torch.allclose(first, model(x))  # different blocks dropped
         model.eval()
         torch.testing.assert_close(model(x), model(x), atol=0, rtol=0)
+
+
+def test_stochastic_depth_in_the_query_encoder_only():
+    moco = MoCo("efficientnet_b0", queue_size=32)
+    rates = lambda encoder: [m.drop_prob for m in encoder.modules() if isinstance(m, InvertedResidual)]
+    assert max(rates(moco.encoder_q)) > 0.15 and rates(moco.encoder_k) == [0.0] * len(rates(moco.encoder_q))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():  # the key encoder in training mode (batch BN statistics) is deterministic: no drops
+        torch.testing.assert_close(moco.encoder_k(x), moco.encoder_k(x), atol=0, rtol=0)
 
 
 def test_unknown_architecture_lists_the_valid_names():
