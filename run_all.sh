@@ -87,19 +87,18 @@ case $PRESET in
     # At this budget (936 steps) a projection head without BN collapses (every query drifts to one direction and
     # kNN ends below random init), so both recipes get --head-bn here; see README, "Troubleshooting".
     DATA=(--data fashionmnist --subset 20000 ${DATA_DIR:+--data-dir "$DATA_DIR"})
-    # BN groups of 64 images (--bn-splits 2), as in MoCo's CIFAR demo: groups of 16 at 1x1 feature maps make a key
-    # depend so much on its group that the positive loses even for identical views (README, "Training health").
-    COMMON=(--epochs 6 --batch-size 128 --moco-k 1024 --moco-m 0.99 --bn-splits 2 --head-bn --aug-backend batched
-            --channels-last --knn-every 3 --knn-subset 5000 --log-every 52)
-    WD=5e-4; WARMUP=1; AUG_BASE=small; AUG_SMALL=small
+    # BN groups of 64 images, as in MoCo's CIFAR demo: groups of 16 at 1x1 feature maps make a key depend so much
+    # on its group that the positive loses even for identical views (README, "Training health").
+    COMMON=(--epochs 6 --moco-k 1024 --moco-m 0.99 --head-bn --aug-backend batched --channels-last --knn-every 3
+            --knn-subset 5000 --log-every 52)
+    BATCH_BASE=128; BATCH_SMALL=128; BN_GROUP=64; WD=5e-4; WARMUP=1; AUG_BASE=small; AUG_SMALL=small
     EVAL=(--subset 10000 --channels-last)
     LINEAR=(--cached --epochs 30 --schedule 18 24) ;;
   fmnist|cifar10)  # the well-known MoCo setting on small data sets (MoCo's CIFAR-10 demo; README, Presets)
     [[ $PRESET == fmnist ]] && SET=fashionmnist || SET=cifar10
     DATA=(--data $SET --small-stem ${DATA_DIR:+--data-dir "$DATA_DIR"})
-    COMMON=(--epochs 200 --batch-size 512 --moco-k 4096 --moco-m 0.99 --bn-splits 8 --aug-backend batched
-            --channels-last --knn-every 10)
-    WD=5e-4; WARMUP=5; AUG_BASE=small; AUG_SMALL=small
+    COMMON=(--epochs 200 --moco-k 4096 --moco-m 0.99 --aug-backend batched --channels-last --knn-every 10)
+    BATCH_BASE=512; BATCH_SMALL=512; BN_GROUP=64; WD=5e-4; WARMUP=5; AUG_BASE=small; AUG_SMALL=small
     EVAL=(--channels-last)
     LINEAR=() ;;
   imagenet)  # the papers' settings: 224 px, K 65536, m 0.999, blur; DATA_DIR holds train/ and val/
@@ -107,13 +106,13 @@ case $PRESET in
     DATA=(--data imagefolder --data-dir "$DATA_DIR")
     COMMON=(--epochs 200 --moco-k 65536 --moco-m 0.999 --aug-backend torchvision --workers 10 --channels-last
             --knn-every 0)
-    WD=1e-4; WARMUP=5; AUG_BASE=mocov2; AUG_SMALL=strong
+    BATCH_BASE=256; BATCH_SMALL=512; BN_GROUP=64; WD=1e-4; WARMUP=5; AUG_BASE=mocov2; AUG_SMALL=strong
     EVAL=(--workers 10 --channels-last)
     LINEAR=(--workers 10) ;;
   smoke)  # the test suite's check of this script: synthetic images, a few steps, no claim about accuracy
     DATA=(--data synthetic --subset 64)
-    COMMON=(--epochs 1 --batch-size 16 --moco-k 32 --moco-m 0.99 --bn-splits 2 --aug-backend batched --knn-every 1)
-    WD=5e-4; WARMUP=0; AUG_BASE=small; AUG_SMALL=small
+    COMMON=(--epochs 1 --moco-k 32 --moco-m 0.99 --aug-backend batched --knn-every 1)
+    BATCH_BASE=16; BATCH_SMALL=16; BN_GROUP=8; WD=5e-4; WARMUP=0; AUG_BASE=small; AUG_SMALL=small
     EVAL=(--subset 64 --test-subset 32)
     LINEAR=(--cached --epochs 2 --schedule 1) ;;
   *) echo "unknown preset '$PRESET': choose demo, fmnist, cifar10, imagenet or smoke (or tests)." >&2; exit 2 ;;
@@ -121,10 +120,15 @@ esac
 
 # --- the two recipes (README, "The two recipes"); every flag that differs is spelled out here -------------------
 # --lr is per 256 images (pretrain.py scales it by the batch): MoCo-v2's 0.03 at 256 is the small recipe's 0.06 at 512.
-BASELINE=(--lr 0.03 --wd $WD --moco-t 0.2 --mlp-hidden 0 --aug $AUG_BASE)      # InfoNCE, asymmetric
-SMALL=(--lr 0.03 --wd $WD --warmup-epochs $WARMUP --moco-t 0.1 --mlp-hidden 2048 --aug $AUG_SMALL
-       --smooth 0.1 --smooth-k 10 --smooth-mode topk --smooth-schedule warmup)              # softened InfoNCE
-[[ $PRESET == imagenet ]] && BASELINE+=(--batch-size 256) && SMALL+=(--batch-size 512 --symmetric)
+# Split BN (shuffle BN on one process): BN_GROUP images per group on every process, whatever the number of
+# processes; a process holding BN_GROUP images or fewer is one group, and its keys are shuffled across processes.
+bn_splits() { local per=$(( $1 / (GPUS > 1 ? GPUS : 1) )); echo $(( per > BN_GROUP ? per / BN_GROUP : 1 )); }
+BASELINE=(--batch-size $BATCH_BASE --bn-splits $(bn_splits $BATCH_BASE) --lr 0.03 --wd $WD --moco-t 0.2
+          --mlp-hidden 0 --aug $AUG_BASE)                                                   # InfoNCE, asymmetric
+SMALL=(--batch-size $BATCH_SMALL --bn-splits $(bn_splits $BATCH_SMALL) --lr 0.03 --wd $WD --warmup-epochs $WARMUP
+       --moco-t 0.1 --mlp-hidden 2048 --aug $AUG_SMALL --smooth 0.1 --smooth-k 10 --smooth-mode topk
+       --smooth-schedule warmup)                                                            # softened InfoNCE
+[[ $PRESET == imagenet ]] && SMALL+=(--symmetric)
 
 # --- launcher: every GPU through torchrun, else one CPU process ---------------------------------------------------
 if (( GPUS > 1 )); then
@@ -185,8 +189,8 @@ for arch in archs:
                      "knn200_gain": knn200(knn) - knn200(ref), "pretext_first": pretext[0],
                      "pretext_last": pretext[-1], "instance_acc": diag["instance_accuracy"],
                      "linear_top1": linear["best_top1"],
-                     "linear_protocol": linear["protocol"], "alignment": diag["alignment"],
-                     "uniformity": diag["uniformity"], "images_per_s": summary["images_per_s"],
+                     "linear_protocol": linear["protocol"], "alignment": diag["alignment_original_view"],
+                     "uniformity": diag["uniformity_original"], "images_per_s": summary["images_per_s"],
                      "pretrain_min": summary["wall_s"] / 60, "device": summary["device"]})
 with open(f"{out}/results.csv", "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -202,8 +206,9 @@ lines = [f"# run_all.sh {preset}: results", "",
          f"minus this); random, BN of data = untrained, its BN statistics set to the training images'. "
          f"Pretext acc: how often the positive key beats all K queue entries, mean over the first and the last "
          f"epoch (chance 100/(K+1) %); while the lr is high it is inflated by the queue's stale keys, so read it "
-         f"with instance acc: the trained network, frozen, finds each image's other view first among "
-         f"{2 * diag['n_images'] - 1} views ({diag['n_images']} images). Linear: {rows[0]['linear_protocol']}.", "",
+         f"with instance acc: the trained network, frozen, ranks each image's own {diag['aug']} view above the "
+         f"originals of the {diag['n_images'] - 1} other images of a fixed set (as ssl-small; alignment "
+         f"original-view and uniformity of the originals on the same set). Linear: {rows[0]['linear_protocol']}.", "",
          "| network | recipe | params | epochs | pretext acc first -> last | instance acc | kNN random init "
          "| kNN random, BN of data | kNN learned | gain | linear top-1 | alignment | uniformity | img/s | pretrain min |",
          "|---" * 15 + "|"]

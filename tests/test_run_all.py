@@ -82,3 +82,13 @@ def test_a_failing_stage_stops_the_study_without_a_table(finished, tmp_path):
 def test_an_unknown_preset_is_refused(tmp_path):
     proc = study(tmp_path, "tiny")
     assert proc.returncode == 2 and "unknown preset 'tiny'" in proc.stderr
+
+
+@pytest.mark.parametrize("batch, gpus, splits", [(128, 0, 2), (512, 1, 8), (512, 8, 1), (256, 1, 4), (256, 2, 2),
+                                                 (512, 2, 4), (64, 0, 1), (48, 0, 1)])
+def test_split_bn_keeps_groups_of_64_images_whatever_the_number_of_processes(batch, gpus, splits):
+    # run_all.sh's own bn_splits function, read from the script: per-process batch / 64, at least one group
+    function = next(line for line in open(os.path.join(ROOT, "run_all.sh")) if line.startswith("bn_splits()"))
+    proc = subprocess.run(["bash", "-c", f"{function}\nGPUS={gpus}; BN_GROUP=64; bn_splits {batch}"],
+                          capture_output=True, text=True)
+    assert proc.stdout.strip() == str(splits), proc.stderr
