@@ -136,7 +136,7 @@ def run_steps(train, targs, device, args, backend, parts=False):
     """Median seconds per phase over args.steps timed steps of pretrain.train_step, after args.warmup untimed ones.
     With parts=True each step is followed, on the same batch, by the query encoder's forward-backward alone and by
     an SGD step alone: timed in the same loop, so that a drifting machine affects the step and its parts alike."""
-    raw, optimizer, scaler, autocast = pretrain.build(targs, device)
+    raw, optimizer, scaler, autocast = pretrain.build(targs, device)  # the optimizer at the peak lr
     fmt = torch.channels_last if targs.channels_last else torch.contiguous_format
     raw.to(device, memory_format=fmt)
     if targs.compile:
@@ -169,10 +169,11 @@ def run_steps(train, targs, device, args, backend, parts=False):
     timer = Timer(device)
     for i in range(total):
         x1, x2 = timer("augment", next, batches)
-        timer("step", pretrain.train_step, raw, raw, x1, x2, optimizer, scaler, autocast, targs, i, 10 ** 6, 0)
+        x1, x2 = x1.contiguous(memory_format=fmt), x2.contiguous(memory_format=fmt)
+        timer("step", pretrain.train_step, raw, x1, x2, optimizer, scaler, autocast, targs, targs.moco_m,
+              targs.smooth)
         if parts:
-            timer("query_fwd_bwd", query_forward_backward, raw, x1.contiguous(memory_format=fmt), autocast,
-                  optimizer)
+            timer("query_fwd_bwd", query_forward_backward, raw, x1, autocast, optimizer)
             timer("sgd", optimizer.step)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
     return timer.medians(args.warmup), peak

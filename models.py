@@ -282,19 +282,27 @@ def build_head(feat_dim, hidden, out_dim=128, bn=False):
     return nn.Sequential(*layers, nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
 
 
-def load_pretrained(path, encoder="query"):
-    """(backbone, head, feat_dim, args) of the query ("query") or momentum ("key") encoder in a pretrain.py
-    checkpoint, on the CPU in eval mode."""
+def read_checkpoint(path, advice="pass the checkpoint.pt that pretrain.py wrote"):
+    """The dict pretrain.py saved at path, on the CPU; a missing, unreadable or foreign file is one sentence ending
+    with `advice`."""
     if not os.path.isfile(path):
-        raise SystemExit(f"checkpoint {path} does not exist; pass the checkpoint.pt that pretrain.py wrote")
+        raise SystemExit(f"checkpoint {path} does not exist: {advice}.")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # damaged files raise many types: RuntimeError, EOFError, KeyError, UnpicklingError
         said = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
         raise SystemExit(f"{path} is not a readable checkpoint (corrupt or truncated?); torch.load said "
-                         f"{type(err).__name__} {said}") from err
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt.get("args", {}):
-        raise SystemExit(f"{path} is not a pretrain.py checkpoint (it needs 'model' and 'args' entries)")
+                         f"{type(err).__name__} {said}: {advice}.") from err
+    if not isinstance(ckpt, dict) or not {"model", "args", "step"} <= ckpt.keys() or "arch" not in ckpt["args"]:
+        raise SystemExit(f"{path} is not a pretrain.py checkpoint (it needs 'model', 'args' and 'step' entries): "
+                         f"{advice}.")
+    return ckpt
+
+
+def load_pretrained(path, encoder="query"):
+    """(backbone, head, feat_dim, args) of the query ("query") or momentum ("key") encoder in a pretrain.py
+    checkpoint, on the CPU in eval mode."""
+    ckpt = read_checkpoint(path)
     args = ckpt["args"]
     backbone, feat_dim = build_backbone(args["arch"], args.get("small_stem", False))
     head = build_head(feat_dim, args.get("mlp_hidden") or feat_dim, args.get("moco_dim", 128), args.get("head_bn", False))
@@ -429,12 +437,16 @@ class MoCo(nn.Module):
         return k_all.view(-1, len(x), k.shape[1])[rank]
 
     def forward(self, x1, x2, m, both_queries=False):
-        """Query embeddings of x1 (and of x2 when symmetric or asked), key embeddings of x2 (and of x1 when
-        symmetric). The key encoder moves one momentum step first, as in MoCo."""
+        """One MoCo step's embeddings: queries of x1 (and of x2 when symmetric or asked), keys of x2 (and of x1 when
+        symmetric) from the key encoder after one momentum step, and the queue of negatives as this step's loss must
+        see it. The new keys (from every rank, in rank order) then replace the oldest entries of self.queue, as in
+        MoCo's builder: the returned queue is a copy, so they are not among this step's negatives."""
         q1 = F.normalize(self.encoder_q(x1), dim=1)
         q2 = F.normalize(self.encoder_q(x2), dim=1) if self.symmetric or both_queries else None
         with torch.no_grad():
             self.momentum_update(m)
             k2 = self.key_embed(x2)
             k1 = self.key_embed(x1) if self.symmetric else None
-        return q1, q2, k1, k2
+            queue = self.queue.clone()
+            self.enqueue(concat_all_gather(torch.cat([k2, k1]) if self.symmetric else k2))
+        return q1, q2, k1, k2, queue

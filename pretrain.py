@@ -22,9 +22,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from knn_eval import knn_monitor, writable_dir, write_json
+from knn_eval import knn_monitor, pick_device, writable_dir, write_json
 from losses import SMOOTH_MODES, SMOOTH_SCHEDULES, contrastive_accuracy, distill_loss, smooth_eps, soft_info_nce
-from models import ARCHS, MoCo, concat_all_gather, load_pretrained
+import models
+from models import ARCHS, MoCo, load_pretrained
 
 # 2: --lr is a rate per 256 images (version 1 stored the peak rate itself); resuming needs the same version
 CHECKPOINT_VERSION = 2
@@ -119,17 +120,15 @@ def momentum_at(step, total_steps, m, cosine):
 
 
 def read_checkpoint(path):
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated or "
-                         f"corrupt: move it away or choose another --out.")
-    if not isinstance(ckpt, dict) or not {"args", "model", "optimizer", "step"} <= ckpt.keys():
-        raise SystemExit(f"{path} is not a pretrain.py checkpoint: move it away or choose another --out.")
+    """A checkpoint this version of pretrain.py can resume (models.read_checkpoint checks the file itself)."""
+    advice = "move it away or choose another --out"
+    ckpt = models.read_checkpoint(path, advice)
+    if not {"optimizer", "scaler", "rng", "wall_s"} <= ckpt.keys():
+        raise SystemExit(f"{path} holds no training state (optimizer, RNG) to resume: {advice}.")
     if ckpt.get("version", 1) != CHECKPOINT_VERSION:
         raise SystemExit(f"{path} was written by another version of pretrain.py (checkpoint version "
                          f"{ckpt.get('version', 1)}, this one writes {CHECKPOINT_VERSION}) and cannot be resumed; the "
-                         f"evaluation scripts still read it: move it away or choose another --out.")
+                         f"evaluation scripts still read it: {advice}.")
     return ckpt
 
 
@@ -181,8 +180,17 @@ def check_setup(args, num_images, world):
 
 
 def epoch_batches(train, args, epoch, start, rank, world, device, transform, aug_gen):
-    """The rank's (view1, view2) batches of one epoch from step `start` on. The image order depends only on
-    (seed, epoch), so every rank cuts the same permutation and a resumed run sees the same batches."""
+    """The rank's (view1, view2) batches of one epoch from step `start` on, in --channels-last's memory format. The
+    image order depends only on (seed, epoch), so every rank cuts the same permutation and a resumed run sees the
+    same batches."""
+    batches = _epoch_batches(train, args, epoch, start, rank, world, device, transform, aug_gen)
+    if not args.channels_last:
+        return batches
+    return ((x1.contiguous(memory_format=torch.channels_last), x2.contiguous(memory_format=torch.channels_last))
+            for x1, x2 in batches)
+
+
+def _epoch_batches(train, args, epoch, start, rank, world, device, transform, aug_gen):
     local = args.batch_size // world
     steps = len(train) // args.batch_size
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed + epoch))
@@ -271,37 +279,27 @@ def build(args, device):
     return raw, optimizer, scaler, autocast
 
 
-def train_step(model, raw, x1, x2, optimizer, scaler, autocast, args, step, total_steps, warmup_steps,
-               teacher=None):
-    """One MoCo step: lr and eps for this step, query and key embeddings, the (softened) InfoNCE against the queue,
-    SGD, then this batch's keys (from every rank) join the queue. Returns the loss and the pretext accuracy (%, how
-    often q1's positive key beats all K queue entries), both as detached 0-dim tensors."""
-    if args.channels_last:
-        x1, x2 = x1.contiguous(memory_format=torch.channels_last), x2.contiguous(memory_format=torch.channels_last)
-    for group in optimizer.param_groups:
-        group["lr"] = lr_at(step, total_steps, warmup_steps, peak_lr(args))
-    eps = smooth_eps(args.smooth, args.smooth_schedule, step, total_steps, warmup_steps)
+def train_step(model, x1, x2, optimizer, scaler, autocast, args, m, eps, teacher=None):
+    """One MoCo step at momentum m and smoothing eps (the optimizer holds this step's lr): query and key embeddings
+    (the keys join the queue inside the model), the (softened) InfoNCE against the queue as it was before them, SGD.
+    Returns the loss and the pretext accuracy (%, how often q1's positive key beats all K queue entries), both as
+    detached 0-dim tensors."""
     with autocast:
-        q1, q2, k1, k2 = model(x1, x2, momentum_at(step, total_steps, args.moco_m, args.moco_m_cos),
-                               both_queries=teacher is not None)
+        q1, q2, k1, k2, queue = model(x1, x2, m, both_queries=teacher is not None)
         if teacher is not None:
             with torch.no_grad():
                 t1, t2 = teacher(x1).float(), teacher(x2).float()
     q1, k2 = q1.float(), k2.float()  # the loss in fp32: logits / tau over K entries need the precision
-    loss = soft_info_nce(q1, k2, raw.queue, args.moco_t, eps, args.smooth_k, args.smooth_mode)
+    loss = soft_info_nce(q1, k2, queue, args.moco_t, eps, args.smooth_k, args.smooth_mode)
     if args.symmetric:
-        loss = loss + soft_info_nce(q2.float(), k1.float(), raw.queue, args.moco_t, eps, args.smooth_k,
-                                    args.smooth_mode)
+        loss = loss + soft_info_nce(q2.float(), k1.float(), queue, args.moco_t, eps, args.smooth_k, args.smooth_mode)
     if teacher is not None:
         loss = loss + distill_loss(q1, t1) + distill_loss(q2.float(), t2)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    acc = contrastive_accuracy(q1.detach(), k2, raw.queue)  # before the keys join the queue
-    # the queue changes only after the loss used it; keys from every rank, in rank order
-    raw.enqueue(concat_all_gather(torch.cat([k2, k1]) if args.symmetric else k2))
-    return loss.detach(), acc
+    return loss.detach(), contrastive_accuracy(q1.detach(), k2, queue)
 
 
 def main(argv=None):
@@ -325,134 +323,159 @@ def interrupted(out, argv):
     return f"interrupted; the last checkpoint, {path}, holds step {step}: resume with `{command}`."
 
 
-def run(args, argv):
-    """Set-up (processes, device, resume, data, model), the training loop with its log and checkpoints, the summary."""
+def start_processes(args):
+    """(rank, world size, device, ddp): one process per GPU under torchrun (gloo on CPUs), else this one process."""
+    if "RANK" not in os.environ:  # not started by torchrun
+        return 0, 1, pick_device(args.device), False
+    use_cuda = torch.cuda.is_available() and args.device != "cpu"
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device, True
+
+
+def open_run(args, argv, master):
+    """(args, checkpoint or None): a new run directory, or with --resume the checkpoint in it and its flags."""
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise SystemExit(f"--out {args.out} is a file, not a run directory: choose another --out.")
     writable_dir(args.out, "--out")
-    ddp = "RANK" in os.environ  # started by torchrun
-    if ddp:
-        use_cuda = torch.cuda.is_available() and args.device != "cpu"
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
-        device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)
-    else:
-        rank, world = 0, 1
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
-                              else args.device)
-    master = rank == 0
-
-    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    path = os.path.join(args.out, "checkpoint.pt")
     ckpt = None
-    if os.path.exists(ckpt_path):
+    if os.path.exists(path):
         if not args.resume:
-            raise SystemExit(f"{ckpt_path} already exists: pass --resume to continue that run, or choose "
-                             f"another --out.")
-        ckpt = read_checkpoint(ckpt_path)
+            raise SystemExit(f"{path} already exists: pass --resume to continue that run, or choose another --out.")
+        ckpt = read_checkpoint(path)
         args = resume_args(args, ckpt["args"], given_flags(argv))
-    if master and os.path.exists(ckpt_path + ".tmp"):
-        os.remove(ckpt_path + ".tmp")  # a save that was killed: the checkpoint itself is the one before it
+    if master and os.path.exists(path + ".tmp"):
+        os.remove(path + ".tmp")  # a save that was killed: the checkpoint itself is the one before it
+    return args, ckpt
 
+
+def training_data(args, device, world):
+    """The pretraining images and the two-view transform of --aug-backend (batched: the images on the device)."""
     train = data.load_data(args.data, "pretrain", args.data_dir, args.subset, args.seed)
     args.img_size = args.img_size or data.default_img_size(args.data)
     check_setup(args, len(train), world)
-    if args.aug_backend == "batched":
-        if train.images is None:
-            raise SystemExit(f"--aug-backend batched needs an in-memory data set, and {args.data} is read from "
-                             f"image files: use --aug-backend torchvision.")
-        train.images = train.images.to(device)
-        transform = data.BatchedAugment(args.aug, args.img_size, train.mean, train.std)
-    else:
-        transform = data.view_transform(args.aug, args.img_size, train.mean, train.std)
+    if args.aug_backend == "torchvision":
+        return train, data.view_transform(args.aug, args.img_size, train.mean, train.std)
+    if train.images is None:
+        raise SystemExit(f"--aug-backend batched needs an in-memory data set, and {args.data} is read from image "
+                         f"files: use --aug-backend torchvision.")
+    train.images = train.images.to(device)
+    return train, data.BatchedAugment(args.aug, args.img_size, train.mean, train.std)
 
+
+def restore(ckpt, path, raw, optimizer, scaler, aug_gen, rank, world, device):
+    """Load a checkpoint into the model (already on its device, so that SGD's momentum buffers follow their
+    parameters there), the optimizer and the scaler; continue every random stream exactly when the number of
+    processes is the same. Returns the checkpoint's step."""
+    try:
+        raw.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise SystemExit(f"{path} does not fit this model ({str(e).splitlines()[0]}): move it away or choose "
+                         f"another --out.")
+    scaler.load_state_dict(ckpt["scaler"])
+    if len(ckpt["rng"]) == world:
+        torch.set_rng_state(ckpt["rng"][rank]["torch"])
+        aug_gen.set_state(ckpt["rng"][rank]["aug"])
+        if "cuda" in ckpt["rng"][rank] and device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+    return ckpt["step"]
+
+
+def load_teacher(args, device):
+    if not args.teacher:
+        return None
+    backbone, head, _, saved = load_pretrained(args.teacher)
+    if saved.get("moco_dim", 128) != args.moco_dim:
+        raise SystemExit(f"the teacher {args.teacher} embeds in {saved['moco_dim']} dimensions, the student in "
+                         f"{args.moco_dim}: pass --moco-dim {saved['moco_dim']}.")
+    return torch.nn.Sequential(backbone, head).to(device).eval().requires_grad_(False)
+
+
+class RunFiles:
+    """What rank 0 writes to --out: log.jsonl (one JSON record per line), checkpoint.pt and summary.json. Other
+    ranks write nothing."""
+
+    def __init__(self, out, master):
+        self.out, self.master = out, master
+        self.log_path, self.ckpt_path = os.path.join(out, "log.jsonl"), os.path.join(out, "checkpoint.pt")
+        self.summary_path = os.path.join(out, "summary.json")
+
+    def log(self, record):
+        if self.master:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def logged(self, key):
+        return [r[key] for r in map(json.loads, open(self.log_path)) if key in r]
+
+    def save_checkpoint(self, state):
+        if self.master:
+            save_atomic(state, self.ckpt_path)
+
+    def write_summary(self, args, raw, device, world, step, total_steps, wall_s, images_per_s, knn_top1, resumed_at):
+        if not self.master:
+            return
+        peak_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        write_json({"arch": args.arch, "backbone_params": sum(p.numel() for p in raw.encoder_q.backbone.parameters()),
+                    "epochs": step * args.epochs / total_steps, "steps": step, "images_per_s": images_per_s,
+                    "peak_memory_mb": peak_mb, "wall_s": wall_s, "resumed_at_step": resumed_at,
+                    "knn_top1": knn_top1, "world_size": world, "device": str(device), "args": vars(args),
+                    "complete": step == total_steps},  # False after --max-steps: run_all.sh resumes it
+                   self.summary_path)
+
+
+def run(args, argv):
+    """Set-up (processes, device, resume, data, model), the training loop with its log and checkpoints, the summary."""
+    rank, world, device, ddp = start_processes(args)
+    master = rank == 0
+    args, ckpt = open_run(args, argv, master)
+    files = RunFiles(args.out, master)
+    train, transform = training_data(args, device, world)
     torch.manual_seed(args.seed + rank)
     aug_gen = torch.Generator(device=device).manual_seed(args.seed + rank)
     raw, optimizer, scaler, autocast = build(args, device)
-
-    # on its device before the optimizer state is loaded: load_state_dict puts SGD's momentum buffers on the device
-    # of their parameters, so a resumed GPU run does not mix devices
     raw.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
-    step, wall_before = 0, 0.0  # wall_before: seconds the steps of a resumed checkpoint took
-    if ckpt is not None:
-        try:
-            raw.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise SystemExit(f"{ckpt_path} does not fit this model ({str(e).splitlines()[0]}): move it away or "
-                             f"choose another --out.")
-        scaler.load_state_dict(ckpt["scaler"])
-        step, wall_before = ckpt["step"], ckpt["wall_s"]
-        if len(ckpt["rng"]) == world:  # the same number of processes: continue every random stream exactly
-            torch.set_rng_state(ckpt["rng"][rank]["torch"])
-            aug_gen.set_state(ckpt["rng"][rank]["aug"])
-            if "cuda" in ckpt["rng"][rank] and device.type == "cuda":
-                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+    step = restore(ckpt, files.ckpt_path, raw, optimizer, scaler, aug_gen, rank, world, device) if ckpt else 0
+    wall_before = ckpt["wall_s"] if ckpt else 0.0  # seconds the steps of a resumed checkpoint took
     if args.compile:
         raw.encoder_q.compile()
         raw.encoder_k.compile()
     model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
-
-    teacher = None
-    if args.teacher:
-        t_backbone, t_head, _, t_args = load_pretrained(args.teacher)
-        if t_args.get("moco_dim", 128) != args.moco_dim:
-            raise SystemExit(f"the teacher {args.teacher} embeds in {t_args['moco_dim']} dimensions, the student "
-                             f"in {args.moco_dim}: pass --moco-dim {t_args['moco_dim']}.")
-        teacher = torch.nn.Sequential(t_backbone, t_head).to(device).eval().requires_grad_(False)
-
-    knn_sets = None
-    if args.knn_every and master:
-        knn_sets = [data.load_data(args.data, split, args.data_dir, args.knn_subset, args.seed)
-                    for split in ("train", "test")]
+    teacher = load_teacher(args, device)
+    knn_sets = ([data.load_data(args.data, split, args.data_dir, args.knn_subset, args.seed)
+                 for split in ("train", "test")] if args.knn_every and master else None)
 
     steps_per_epoch = len(train) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    log_path = os.path.join(args.out, "log.jsonl")
     if master:
         os.makedirs(args.out, exist_ok=True)
-        trim_log(log_path, step)
+        trim_log(files.log_path, step)
         n_params = sum(p.numel() for p in raw.encoder_q.backbone.parameters())
         print(f"{args.arch}: {n_params:,} backbone parameters; {len(train)} images, {steps_per_epoch} steps/epoch "
               f"x {args.epochs} epochs on {world} x {device}" + (f", resuming at step {step}" if step else ""))
 
-    def log(record):
-        if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def knn(epoch):
-        if knn_sets is not None:
-            top1 = knn_monitor(raw.encoder_q.backbone, *knn_sets, args.img_size, device)
-            log({"epoch": epoch, "step": step, "knn_top1": top1})
-            print(f"epoch {epoch}: kNN top-1 {top1:.2f}%")
-            return top1
-
-    summary_path = os.path.join(args.out, "summary.json")
-
-    def write_summary(wall_s, images_per_s, knn_top1, resumed_at):
-        peak_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        write_json({"arch": args.arch, "backbone_params": sum(p.numel() for p in raw.encoder_q.backbone.parameters()),
-                    "epochs": step / steps_per_epoch, "steps": step, "images_per_s": images_per_s,
-                    "peak_memory_mb": peak_mb, "wall_s": wall_s, "resumed_at_step": resumed_at,
-                    "knn_top1": knn_top1, "world_size": world, "device": str(device), "args": vars(args),
-                    "complete": step == total_steps},  # False after --max-steps: run_all.sh resumes it
-                   summary_path)
+    def knn(epoch):  # the kNN monitor of the query backbone, logged
+        top1 = knn_monitor(raw.encoder_q.backbone, *knn_sets, args.img_size, device)
+        files.log({"epoch": epoch, "step": step, "knn_top1": top1})
+        print(f"epoch {epoch}: kNN top-1 {top1:.2f}%")
+        return top1
 
     if step >= last_step:
+        if master and not os.path.exists(files.summary_path):  # killed between the last checkpoint and the summary
+            files.write_summary(args, raw, device, world, step, total_steps, wall_before, ckpt["images_per_s"],
+                                (files.logged("knn_top1") or [None])[-1], step)
         if master:
-            if not os.path.exists(summary_path):  # killed between the last checkpoint and the summary
-                knn_logged = [r["knn_top1"] for r in map(json.loads, open(log_path)) if "knn_top1" in r]
-                write_summary(wall_before, ckpt["images_per_s"], (knn_logged or [None])[-1], step)
             print(f"{args.out} has reached step {step} of {total_steps}; nothing to do.")
         return raw
-    knn_top1 = knn(0) if step == 0 else None
-    resumed_at = step
-    start_time = time.time()
+    knn_top1 = knn(0) if step == 0 and knn_sets else None
+    resumed_at, start_time = step, time.time()
     paused = 0.0  # seconds spent on checkpoints and kNN: they count neither towards images/s nor the ETA
     interval, epoch_sum = torch.zeros(2, device=device), torch.zeros(2, device=device)  # summed loss, pretext acc
     interval_steps, epoch_steps, images_seen = 0, 0, 0
@@ -460,8 +483,13 @@ def run(args, argv):
         epoch = step // steps_per_epoch
         for x1, x2 in epoch_batches(train, args, epoch, step % steps_per_epoch, rank, world, device, transform,
                                     aug_gen):
-            loss, acc = train_step(model, raw, x1, x2, optimizer, scaler, autocast, args, step, total_steps,
-                                   warmup_steps, teacher)
+            # this step's schedules: lr (warm-up, cosine), smoothing eps, key-encoder momentum
+            lr = lr_at(step, total_steps, warmup_steps, peak_lr(args))
+            eps = smooth_eps(args.smooth, args.smooth_schedule, step, total_steps, warmup_steps)
+            m = momentum_at(step, total_steps, args.moco_m, args.moco_m_cos)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, acc = train_step(model, x1, x2, optimizer, scaler, autocast, args, m, eps, teacher)
             step += 1
             interval_steps, epoch_steps = interval_steps + 1, epoch_steps + 1
             images_seen += args.batch_size
@@ -471,12 +499,9 @@ def run(args, argv):
             if step % args.log_every == 0 or step == last_step:
                 mean_loss, mean_acc = (interval / interval_steps).tolist()
                 check_finite(mean_loss, step, args.out)
-                lr = optimizer.param_groups[0]["lr"]
-                eps = smooth_eps(args.smooth, args.smooth_schedule, step - 1, total_steps, warmup_steps)
-                training_s = time.time() - start_time - paused
-                speed = images_seen / training_s  # this session's mean: steadier than the last interval's
-                log({"epoch": epoch, "step": step, "loss": mean_loss, "acc": mean_acc, "lr": lr, "eps": eps,
-                     "img_per_s": speed})
+                speed = images_seen / (time.time() - start_time - paused)  # this session's mean: steadier
+                files.log({"epoch": epoch, "step": step, "loss": mean_loss, "acc": mean_acc, "lr": lr, "eps": eps,
+                           "img_per_s": speed})
                 if master:
                     print(f"epoch {epoch + 1}/{args.epochs} step {step}/{last_step} loss {mean_loss:.4f} "
                           f"acc {mean_acc:5.1f}% lr {lr:.4f} eps {eps:.3f} {speed:6.0f} img/s "
@@ -489,27 +514,27 @@ def run(args, argv):
         epoch_loss, epoch_acc = (epoch_sum / max(1, epoch_steps)).tolist()
         check_finite(epoch_loss, step, args.out)
         if step % steps_per_epoch == 0:  # the health curve: pretext accuracy and loss averaged over the epoch
-            log({"epoch": step // steps_per_epoch, "step": step, "epoch_loss": epoch_loss, "epoch_acc": epoch_acc,
-                 "epoch_steps": epoch_steps})
+            files.log({"epoch": step // steps_per_epoch, "step": step, "epoch_loss": epoch_loss,
+                       "epoch_acc": epoch_acc, "epoch_steps": epoch_steps})
+            if knn_sets and (step // steps_per_epoch) % args.knn_every == 0:
+                knn_top1 = knn(step // steps_per_epoch)
         interval.zero_()  # the next logging interval starts with the epoch
         epoch_sum.zero_()
         epoch_steps = interval_steps = 0
-        if step % steps_per_epoch == 0 and knn_sets is not None and (step // steps_per_epoch) % args.knn_every == 0:
-            knn_top1 = knn(step // steps_per_epoch)
         check_finite_weights(raw, step, args.out)
-        states = rng_states(aug_gen)
-        if master:
-            save_atomic({"args": vars(args), "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "epoch": step // steps_per_epoch, "step": step,
-                         "rng": states, "wall_s": wall_before + time.time() - start_time,
-                         "images_per_s": images_seen / (pause - start_time - paused),
-                         "version": CHECKPOINT_VERSION}, ckpt_path)
+        states = rng_states(aug_gen)  # a collective: every rank takes part
+        files.save_checkpoint({"args": vars(args), "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
+                               "scaler": scaler.state_dict(), "epoch": step // steps_per_epoch, "step": step,
+                               "rng": states, "wall_s": wall_before + time.time() - start_time,
+                               "images_per_s": images_seen / (pause - start_time - paused),
+                               "version": CHECKPOINT_VERSION})
         paused += time.time() - pause
 
     wall = time.time() - start_time
+    files.write_summary(args, raw, device, world, step, total_steps, wall_before + wall,
+                        images_seen / (wall - paused), knn_top1, resumed_at)
     if master:
-        write_summary(wall_before + wall, images_seen / (wall - paused), knn_top1, resumed_at)
-        print(f"done: {step} steps in {wall:.0f} s; summary in {summary_path}")
+        print(f"done: {step} steps in {wall:.0f} s; summary in {files.summary_path}")
     return raw
 
 

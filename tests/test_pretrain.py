@@ -61,11 +61,20 @@ def test_momentum_update_is_the_ema_of_the_query_weights():
 def test_no_gradient_reaches_the_key_encoder():
     model = tiny_moco(symmetric=True)
     x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
-    q1, q2, k1, k2 = model(x1, x2, 0.99)
+    q1, q2, k1, k2, queue = model(x1, x2, 0.99)
     assert not k1.requires_grad and not k2.requires_grad
-    ((q1 * k2).sum() + (q2 * k1).sum() + (q1 @ model.queue).sum()).backward()
+    ((q1 * k2).sum() + (q2 * k1).sum() + (q1 @ queue).sum()).backward()
     assert all(p.grad is None for p in model.encoder_k.parameters())
     assert all(p.grad is not None for p in model.encoder_q.parameters())
+
+
+def test_the_step_sees_the_queue_before_its_own_keys_join_it():
+    model = tiny_moco(symmetric=True)  # queue of 32, keys of both views: 8 per step
+    before = model.queue.clone()
+    _, _, k1, k2, queue = model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), 0.99)
+    assert torch.equal(queue, before)  # this step's negatives: the queue as it was
+    assert torch.equal(model.queue[:, :8], torch.cat([k2, k1]).T) and torch.equal(model.queue[:, 8:], before[:, 8:])
+    assert model.queue_ptr.item() == 8
 
 
 def test_keys_are_unshuffled_after_shuffle_bn():
@@ -299,10 +308,10 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
     """A huge lr: the first step's loss is finite, the update is not. The run stops before its checkpoint."""
     real = pretrain.train_step
 
-    def step_then_break(model, raw, *args, **kwargs):
-        out = real(model, raw, *args, **kwargs)
+    def step_then_break(model, *args, **kwargs):
+        out = real(model, *args, **kwargs)
         with torch.no_grad():
-            next(raw.encoder_q.parameters()).fill_(float("inf"))
+            next(model.encoder_q.parameters()).fill_(float("inf"))
         return out
     monkeypatch.setattr(pretrain, "train_step", step_then_break)
     with pytest.raises(SystemExit, match="became NaN or inf by step 1; stopped without saving"):
