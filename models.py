@@ -16,8 +16,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenetv3_large", "mobilenetv3_small", "efficientnet_b0")
-
 # ResNet (He et al. 2016, Table 1): block expansion (1 = basic block, 4 = bottleneck), blocks in conv2_x..conv5_x.
 # The four stages have widths 64, 128, 256, 512 and strides 1, 2, 2, 2.
 RESNETS = {
@@ -250,17 +248,29 @@ def efficientnet_b0(small_stem=False, drop_prob=0.2):
     return PooledFeatures(features), 1280
 
 
+def resnet(name, small_stem=False):
+    expansion, blocks = RESNETS[name]
+    return ResNet(expansion, blocks, small_stem), 512 * expansion
+
+
+# The registry: every network by name, as a builder(small_stem) -> (module, feature size d). Adding a network is its
+# table above, a builder if no existing one reads the table, and one line here (README, "Add a network").
+BACKBONES = {
+    "resnet18": partial(resnet, "resnet18"),
+    "resnet34": partial(resnet, "resnet34"),
+    "resnet50": partial(resnet, "resnet50"),
+    "mobilenetv3_large": partial(mobilenetv3, "mobilenetv3_large"),
+    "mobilenetv3_small": partial(mobilenetv3, "mobilenetv3_small"),
+    "efficientnet_b0": efficientnet_b0,
+}
+ARCHS = tuple(BACKBONES)
+
+
 def build_backbone(name, small_stem=False):
     """(module mapping [B, 3, H, W] to pooled features [B, d], d), initialised as torchvision initialises it."""
-    if name in RESNETS:
-        expansion, blocks = RESNETS[name]
-        model, dim = ResNet(expansion, blocks, small_stem), 512 * expansion
-    elif name in MOBILENETV3:
-        model, dim = mobilenetv3(name, small_stem)
-    elif name == "efficientnet_b0":
-        model, dim = efficientnet_b0(small_stem)
-    else:
+    if name not in BACKBONES:
         raise SystemExit(f"unknown architecture '{name}'; choose one of: {', '.join(ARCHS)}")
+    model, dim = BACKBONES[name](small_stem=small_stem)
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

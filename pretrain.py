@@ -47,7 +47,6 @@ def parser():
     a("--moco-k", type=count(1, 2**24), default=4096, help="queue size K, well below the number of images (MoCo "
                                                           "uses 65536 on ImageNet's 1.28M, 4096 on CIFAR's 50k)")
     a("--moco-m", type=fraction, default=0.999, help="key-encoder momentum")
-    a("--moco-m-cos", action="store_true", help="ramp the momentum from --moco-m to 1 with a cosine")
     a("--moco-t", type=number(0, 100, low_open=True), default=0.2, help="temperature tau")
     a("--symmetric", action="store_true", help="loss L(q1, k2) + L(q2, k1)")
     a("--bn-splits", type=count(1, 4096), default=1, help="split BN into this many groups of the per-process batch")
@@ -113,10 +112,6 @@ def lr_at(step, total_steps, warmup_steps, base_lr):
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     return base_lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
-
-
-def momentum_at(step, total_steps, m, cosine):
-    return 1 - (1 - m) * (1 + math.cos(math.pi * step / total_steps)) / 2 if cosine else m
 
 
 def read_checkpoint(path):
@@ -483,13 +478,12 @@ def run(args, argv):
         epoch = step // steps_per_epoch
         for x1, x2 in epoch_batches(train, args, epoch, step % steps_per_epoch, rank, world, device, transform,
                                     aug_gen):
-            # this step's schedules: lr (warm-up, cosine), smoothing eps, key-encoder momentum
+            # this step's schedules: lr (warm-up, cosine) and smoothing eps
             lr = lr_at(step, total_steps, warmup_steps, peak_lr(args))
             eps = smooth_eps(args.smooth, args.smooth_schedule, step, total_steps, warmup_steps)
-            m = momentum_at(step, total_steps, args.moco_m, args.moco_m_cos)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, acc = train_step(model, x1, x2, optimizer, scaler, autocast, args, m, eps, teacher)
+            loss, acc = train_step(model, x1, x2, optimizer, scaler, autocast, args, args.moco_m, eps, teacher)
             step += 1
             interval_steps, epoch_steps = interval_steps + 1, epoch_steps + 1
             images_seen += args.batch_size

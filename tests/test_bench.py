@@ -32,3 +32,13 @@ def test_augmentation_only_mode(tmp_path, capsys):
     rows = json.loads(out.read_text())
     assert {r["backend"] for r in rows} == {"torchvision", "batched"}
     assert all(r["images_per_s"] > 0 for r in rows)
+
+
+def test_no_compare_times_the_default_configuration_alone(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--arch", "mobilenetv3_small", "--batch-size", "16", "--moco-k", "64", "--warmup", "1",
+                "--steps", "1", "--workers", "0", "--no-compare", "--json", str(out)])
+    (row,) = json.loads(out.read_text())
+    assert row["images_per_s"] > 0
+    assert not [key for key in row if key.endswith("_images_per_s") or key.endswith("_speedup")
+                or "_over_" in key]  # no other backend, format or precision was timed
