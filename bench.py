@@ -29,7 +29,7 @@ from torch import nn
 
 import data
 import pretrain
-from knn_eval import check_json_output
+from evaluation import check_json_output, pick_device
 from models import ARCHS, build_backbone
 
 STUDY_ARCHS = ("resnet18", "resnet34", "mobilenetv3_large", "mobilenetv3_small", "efficientnet_b0")
@@ -324,8 +324,7 @@ def main(argv=None):
     args = get_args(argv)
     if args.json:
         check_json_output(args.json)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
-                          else args.device)
+    device = pick_device(args.device)
     if args.aug_only:
         rows = bench_aug(args, device)
     else:

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import data
-from knn_eval import (add_model_flags, check_json_output, extract_features, load_model, pick_device, settings,
-                      topk_accuracy, write_json)
+from evaluation import (add_model_flags, check_json_output, extract_features, load_model, pick_device, settings,
+                        topk_accuracy, write_json)
 
 
 def check_backbone_unchanged(backbone, reference):

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from knn_eval import knn_monitor, pick_device, writable_dir, write_json
+from evaluation import knn_monitor, pick_device, writable_dir, write_json
 from losses import SMOOTH_MODES, SMOOTH_SCHEDULES, contrastive_accuracy, distill_loss, smooth_eps, soft_info_nce
 import models
 from models import ARCHS, MoCo, load_pretrained

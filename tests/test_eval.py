@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 
 import bench
+import evaluation
 import knn_eval
 import linear_eval
 import models
-from knn_eval import (alignment, best_nn_accuracies, instance_accuracy, intra_class_alignment, knn_predict,
-                      topk_accuracy, uniformity)
 from data import eval_loader, load_data
+from evaluation import knn_predict, topk_accuracy
+from knn_eval import alignment, best_nn_accuracies, instance_accuracy, intra_class_alignment, uniformity
 from linear_eval import check_backbone_unchanged
 
 FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
@@ -197,11 +198,11 @@ def test_knn_monitor_restores_the_mode_and_leaves_the_weights():
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     modes = [m.training for m in backbone.modules()]
     train, test = (knn_eval.load_data("synthetic", s, subset="100") for s in ("train", "test"))
-    top1 = knn_eval.knn_monitor(backbone, train, test, 32, "cpu", k=20)
+    top1 = evaluation.knn_monitor(backbone, train, test, 32, "cpu", k=20)
     assert [m.training for m in backbone.modules()] == modes
     check_backbone_unchanged(backbone, before)
-    bank, bank_labels = knn_eval.extract_features(backbone.eval(), train, 32)
-    query, labels = knn_eval.extract_features(backbone, test, 32)
+    bank, bank_labels = evaluation.extract_features(backbone.eval(), train, 32)
+    query, labels = evaluation.extract_features(backbone, test, 32)
     # the same float32 computation as the monitor (knn_predict is checked against a loop on tie-free data above): a
     # float64 reference could break a near-tie at the 20th neighbour differently on another CPU
     scores = knn_predict(F.normalize(query, dim=1), F.normalize(bank, dim=1), bank_labels, 10, 20, 0.1)

@@ -1,0 +1,192 @@
+"""What the evaluation scripts (knn_eval.py, linear_eval.py) and pretrain.py's kNN monitor share: the network to
+evaluate (a checkpoint's encoder, or an untrained one) and its flags, features under the evaluation transform, the
+weighted kNN (Wu et al. 2018, InstDisc), and the results files every script writes.
+"""
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+import data
+import models
+from data import DATASETS, default_img_size, eval_loader
+
+
+# ----- the network to evaluate and its data ---------------------------------------------------------------------------
+
+def add_model_flags(p):
+    a = p.add_argument
+    count = data.int_flag
+    a("--ckpt", help="checkpoint.pt written by pretrain.py")
+    a("--arch", choices=models.ARCHS, help="with --random-init: the untrained baseline; with --ckpt: must match it")
+    a("--random-init", action="store_true", help="evaluate an untrained backbone, initialised with --seed")
+    a("--encoder", default="query", choices=("query", "key"), help="the checkpoint's query or momentum encoder")
+    a("--small-stem", action="store_true", help="stem for 28-64 px inputs; read from the checkpoint")
+    a("--data", choices=DATASETS, help="default: the checkpoint's (another one is a transfer evaluation), else "
+                                       "fashionmnist")
+    a("--data-dir", default=None, help="default: the checkpoint's")
+    a("--subset", default=None, help="training images used, 'N' or 'N/class'; default: the checkpoint's")
+    a("--test-subset", default=None, help="test images used, 'N' or 'N/class'; default: all")
+    a("--img-size", type=data.img_size_flag, default=0, help="0 = the checkpoint's, else the data set's native "
+                                                             "size")
+    a("--seed", type=count(0, 2**32 - 1), default=None, help="subset draws and random init; default: the "
+                                                             "checkpoint's, else 0")
+    a("--batch-size", type=count(1, 2**20), default=256, help="images per forward pass")
+    a("--workers", type=count(0, 256), default=0, help="DataLoader workers (image-file data sets)")
+    a("--channels-last", action="store_true", help="channels-last memory format (MobileNet/EfficientNet on a CPU: "
+                                                   "several times faster)")
+    a("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+
+
+def load_model(args):
+    """(backbone, head or None, feat_dim) named by --ckpt or --arch --random-init, on the CPU in eval mode. Fills the
+    unset flags from the checkpoint's args; a flag contradicting them is an error."""
+    if bool(args.ckpt) == args.random_init:
+        raise SystemExit("pass either --ckpt CHECKPOINT or --arch NAME --random-init (the untrained baseline).")
+    if args.random_init:
+        if args.arch is None:
+            raise SystemExit("--random-init needs --arch NAME: the architecture to initialise.")
+        if args.encoder != "query":
+            raise SystemExit("--encoder key needs a --ckpt: a random initialisation has a single encoder.")
+        args.data, args.pretrain_data = args.data or "fashionmnist", None
+        args.seed = 0 if args.seed is None else args.seed
+        args.img_size = args.img_size or default_img_size(args.data)
+        torch.manual_seed(args.seed)
+        backbone, dim = models.build_backbone(args.arch, args.small_stem)
+        return backbone.eval(), None, dim
+    backbone, head, dim, saved = models.load_pretrained(args.ckpt, args.encoder)
+    stored_size = saved.get("img_size") or 0
+    for conflict, trained in ((args.arch not in (None, saved["arch"]), f"--arch {saved['arch']}"),
+                              (args.small_stem and not saved.get("small_stem"), "the standard stem"),
+                              (args.img_size and stored_size and args.img_size != stored_size,
+                               f"--img-size {stored_size}")):
+        if conflict:
+            raise SystemExit(f"{args.ckpt} was trained with {trained}: drop the contradicting flag, the checkpoint's "
+                             f"setting is used.")
+    args.arch, args.small_stem = saved["arch"], bool(saved.get("small_stem"))
+    args.pretrain_data = saved.get("data")
+    args.data = args.data or args.pretrain_data or "fashionmnist"
+    same_data = args.data == args.pretrain_data
+    args.data_dir = args.data_dir or (saved.get("data_dir") if same_data else None)
+    args.subset = args.subset or (saved.get("subset") if same_data else None)
+    args.seed = saved.get("seed", 0) if args.seed is None else args.seed
+    args.img_size = args.img_size or stored_size or default_img_size(args.data)
+    if not same_data:
+        print(f"transfer evaluation: {args.ckpt} was pretrained on {args.pretrain_data}, evaluated on {args.data}")
+    return backbone, head, dim
+
+
+def settings(args, device, dim, num_classes):
+    return {"arch": args.arch, "ckpt": args.ckpt, "random_init": args.random_init, "encoder": args.encoder,
+            "small_stem": args.small_stem, "img_size": args.img_size, "data": args.data,
+            "pretrain_data": args.pretrain_data, "subset": args.subset, "test_subset": args.test_subset,
+            "seed": args.seed, "feat_dim": dim, "num_classes": num_classes, "device": str(device)}
+
+
+# ----- features and the weighted kNN ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def extract_features(model, data, img_size, batch_size=256, device="cpu", workers=0):
+    """(features float32 [N, d] on the CPU, labels [N]) of every image under the evaluation transform, in data-set
+    order. The model runs in eval mode; every submodule's train/eval mode is restored afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    feats, labels = [], []
+    try:
+        for x, y in eval_loader(data, img_size, batch_size, workers, device):
+            feats.append(model(x).float().cpu())
+            labels.append(y.cpu())
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return torch.cat(feats), torch.cat(labels)
+
+
+def nearest(sim, k):
+    """(values, indices) of the k largest entries of each row, largest first; equal values rank the lower column
+    first. torch.topk leaves the order of equal values unspecified, so rows with ties are re-ranked by a stable sort."""
+    values, idx = sim.topk(k, dim=1)
+    tied = ((sim >= values[:, -1:]).sum(1) > k) | (values[:, 1:] == values[:, :-1]).any(1)
+    if tied.any():
+        v, i = sim[tied].sort(dim=1, descending=True, stable=True)
+        values[tied], idx[tied] = v[:, :k], i[:, :k]
+    return values, idx
+
+
+def knn_predict(query, bank, bank_labels, num_classes, k=200, t=0.1, chunk=1024):
+    """Weighted-kNN class scores [Nq, C] (InstDisc): each of a query's k most similar bank entries (cosine similarity,
+    inputs L2-normalised; k clamped to the bank size) votes for its class with weight exp(sim / t). Only `chunk`
+    rows of the similarity matrix exist at a time."""
+    k = min(k, len(bank))
+    scores = []
+    for q in query.split(chunk):
+        sim, idx = nearest(q @ bank.T, k)
+        votes = torch.zeros(len(q), num_classes, device=q.device, dtype=sim.dtype)
+        scores.append(votes.scatter_add_(1, bank_labels[idx], (sim / t).exp()))
+    return torch.cat(scores)
+
+
+def topk_accuracy(scores, labels):
+    """(top-1 %, top-5 %), top-5 None with 5 classes or fewer; equal scores rank the lower class index first."""
+    ranked = scores.argsort(dim=1, descending=True, stable=True)[:, :5]
+    hit = ranked == labels.view(-1, 1)
+    top5 = 100 * hit.any(1).sum().item() / len(labels) if scores.shape[1] > 5 else None
+    return 100 * hit[:, 0].sum().item() / len(labels), top5
+
+
+def knn_monitor(backbone, train_data, test_data, img_size, device, k=200, t=0.1):
+    """Weighted-kNN top-1 % of test_data against a bank of train_data (pretrain.py's monitor)."""
+    bank, bank_labels = extract_features(backbone, train_data, img_size, device=device)
+    query, labels = extract_features(backbone, test_data, img_size, device=device)
+    scores = knn_predict(F.normalize(query.to(device), dim=1), F.normalize(bank.to(device), dim=1),
+                         bank_labels.to(device), train_data.num_classes, k, t)
+    return topk_accuracy(scores, labels.to(device))[0]
+
+
+# ----- devices and results files --------------------------------------------------------------------------------------
+
+def pick_device(name):
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def write_json(results, path):
+    """Atomically (a temporary file, then a rename): run_all.sh takes an existing file as a finished stage."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def writable_dir(folder, flag, output=None):
+    """Refuse at start-up a folder that `output` (default: the folder itself) cannot go to: the nearest existing
+    folder on its path must be a writable directory (the rest is created)."""
+    parent = os.path.abspath(folder)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise SystemExit(f"{flag} {output or folder} cannot be written, as {parent} is not a writable directory: "
+                         f"choose another {flag}.")
+
+
+def is_json(path):
+    try:
+        with open(path, "rb") as f:
+            if f.read(1) not in (b"{", b"["):  # not even the start of a results file: no need to read it all
+                return False
+            f.seek(0)
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def check_json_output(path, flag="--json", ckpt=None):
+    """Before any work: the results file can be written, and replacing it loses nothing, i.e. it is new or holds
+    JSON (an earlier result); never the checkpoint or another kind of file."""
+    writable_dir(os.path.dirname(path) or ".", flag, path)
+    if ckpt and os.path.exists(path) and os.path.exists(ckpt) and os.path.samefile(path, ckpt):
+        raise SystemExit(f"{flag} {path} is the checkpoint being evaluated: choose another {flag}.")
+    if os.path.isdir(path) or (os.path.exists(path) and not is_json(path)):
+        raise SystemExit(f"{flag} {path} exists and is not a JSON results file, so it is not replaced: move it "
+                         f"away or choose another {flag}.")
