@@ -17,6 +17,7 @@ key forward, loss, SGD, queue update) for --warmup untimed and --steps timed ste
 Nothing here is asserted by the tests: the figures are for reading and comparing.
 """
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -144,31 +145,16 @@ def run_steps(train, targs, device, args, backend, parts=False):
         raw.encoder_k.compile()
     total = args.warmup + args.steps
     gen = torch.Generator(device=device).manual_seed(0)
-    if backend == "batched":
-        images = train.images.to(device)
-        augment = data.BatchedAugment(targs.aug, targs.img_size, train.mean, train.std)
-
-        def views():
-            while True:
-                x = images[torch.randint(len(images), (targs.batch_size,), device=device, generator=gen)]
-                yield augment(x, gen), augment(x, gen)
-    else:
-        sampler = torch.utils.data.RandomSampler(train.labels, replacement=True, num_samples=total * targs.batch_size)
-        loader = torch.utils.data.DataLoader(
-            data.TwoViewDataset(train, data.view_transform(targs.aug, targs.img_size, train.mean, train.std)),
-            batch_size=targs.batch_size, sampler=sampler, num_workers=args.workers, persistent_workers=False,
-            pin_memory=device.type == "cuda")
-
-        def views():
-            for x1, x2, _ in loader:
-                yield x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
-
-    batches = views()
+    if backend == "batched":  # a copy with the images on the device; the workers of the other backend read the CPU's
+        train = dataclasses.replace(train, images=train.images.to(device))
+    order = torch.randint(len(train), (total, targs.batch_size), generator=torch.Generator().manual_seed(0))
+    batches = data.view_batches(train, targs.aug, targs.img_size, order, device, backend=backend, gen=gen,
+                                workers=args.workers)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timer = Timer(device)
     for i in range(total):
-        x1, x2 = timer("augment", next, batches)
+        x1, x2, _ = timer("augment", next, batches)
         x1, x2 = x1.contiguous(memory_format=fmt), x2.contiguous(memory_format=fmt)
         timer("step", pretrain.train_step, raw, x1, x2, optimizer, scaler, autocast, targs, targs.moco_m,
               targs.smooth)

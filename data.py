@@ -600,6 +600,28 @@ class BatchedAugment:
         return (x - mean) / std
 
 
+# --- the backend choice, made once for every caller that draws augmented views ---
+
+def view_batches(data, aug, img_size, order, device, views=2, backend=None, gen=None, workers=0, loader_gen=None):
+    """For each batch of image indices in `order` (an iterable of 1-D CPU tensors): (view_1, ..., view_<views>,
+    labels) on device. backend "batched", the default for in-memory images (data.images already on their device):
+    BatchedAugment on whole batches, drawing from gen; "torchvision", the only choice for image files: view_transform
+    per image in DataLoader workers, seeded by loader_gen."""
+    backend = backend or ("batched" if data.images is not None else "torchvision")
+    if backend == "batched":
+        augment = BatchedAugment(aug, img_size, data.mean, data.std)
+        for idx in order:
+            x = data.images[idx.to(data.images.device)]
+            yield (*[augment(x, gen) for _ in range(views)], data.labels[idx].to(device))
+        return
+    transform = view_transform(aug, img_size, data.mean, data.std)
+    dataset = TwoViewDataset(data, transform) if views == 2 else ImageDataset(data, transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[idx.tolist() for idx in order], num_workers=workers,
+                                         pin_memory=torch.device(device).type == "cuda", generator=loader_gen)
+    for batch in loader:
+        yield tuple(t.to(device, non_blocking=True) for t in batch)
+
+
 # --- evaluation ---
 
 def eval_resize(images, img_size):

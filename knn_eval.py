@@ -13,12 +13,13 @@ error, while another --data is allowed (transfer evaluation) and reported.
 import argparse
 import math
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 import data
-from data import BatchedAugment, TwoViewDataset, eval_loader, exit_on_unreadable_image, load_data, view_transform
+from data import eval_loader, exit_on_unreadable_image, load_data, view_batches
 from evaluation import (add_model_flags, check_json_output, extract_features, knn_predict, load_model, nearest,
                         pick_device, settings, topk_accuracy, write_json)
 
@@ -118,25 +119,25 @@ def reestimate_bn(model, data, img_size, batch_size=256, device="cpu", workers=0
     return model.eval()
 
 
+VIEW_CHUNK = 256  # views are drawn for this many images at a time, whatever --batch-size
+
+
 @torch.no_grad()
-def view_features(model, data, aug, img_size, seed, batch_size, device, workers=0):
-    """L2-normalised features of two augmented views of each image, (z1, z2), in data-set order and reproducible for
-    a seed: in-memory images through BatchedAugment with a seeded CPU generator, all images at once (the same views
-    on any device and for any batch size), image files through view_transform in a DataLoader after seeding torch.
-    The model runs in eval mode."""
+def view_features(model, images, aug, img_size, seed, device, workers=0):
+    """L2-normalised features of two augmented views of each image, (z1, z2), in data-set order and the same on any
+    device and for any --batch-size: in-memory images through BatchedAugment with a seeded CPU generator, image files
+    through view_transform with torch (and the DataLoader workers) seeded, VIEW_CHUNK images at a time. The model runs
+    in eval mode."""
     model.eval()
-    if data.images is not None:
-        augment, gen = BatchedAugment(aug, img_size, data.mean, data.std), torch.Generator().manual_seed(seed)
-        images = data.images.to(device)
-        batches = zip(augment(images, gen).split(batch_size), augment(images, gen).split(batch_size))
-    else:
-        torch.manual_seed(seed)
-        batches = torch.utils.data.DataLoader(TwoViewDataset(data, view_transform(aug, img_size, data.mean, data.std)),
-                                              batch_size=batch_size, num_workers=workers)
+    torch.manual_seed(seed)  # view_transform in this process (no workers) draws from torch's generator
+    if images.images is not None:
+        images = replace(images, images=images.images.to(device))
+    order = torch.arange(len(images)).split(VIEW_CHUNK)
     z1, z2 = [], []
-    for batch in batches:
-        z1.append(F.normalize(model(batch[0].to(device)).float(), dim=1))
-        z2.append(F.normalize(model(batch[1].to(device)).float(), dim=1))
+    for x1, x2, _ in view_batches(images, aug, img_size, order, device, gen=torch.Generator().manual_seed(seed),
+                                  workers=workers, loader_gen=torch.Generator().manual_seed(seed)):
+        z1.append(F.normalize(model(x1).float(), dim=1))
+        z2.append(F.normalize(model(x2).float(), dim=1))
     return torch.cat(z1), torch.cat(z2)
 
 
@@ -153,7 +154,7 @@ def diagnostics(model, data_name, data_dir, per_class, img_size, batch_size, dev
     mean over all pairs, where ssl-small averages three random samples of 128 images."""
     fixed = load_data(data_name, "train", data_dir, f"{per_class}/class", DIAG_SEED)
     originals = F.normalize(extract_features(model, fixed, img_size, batch_size, device, workers)[0].to(device), dim=1)
-    view1, view2 = view_features(model, fixed, DIAG_AUG, img_size, DIAG_SEED, batch_size, device, workers)
+    view1, view2 = view_features(model, fixed, DIAG_AUG, img_size, DIAG_SEED, device, workers)
     y, c = fixed.labels.to(device), fixed.num_classes
     return {"n_images": len(fixed), "aug": DIAG_AUG, "seed": DIAG_SEED,
             "alignment_original_view": alignment(originals, view1), "alignment_view_view": alignment(view1, view2),

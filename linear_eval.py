@@ -55,22 +55,6 @@ def epoch_order(n, batch_size, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).split(batch_size)
 
 
-def augmented_batches(train, images, args, epoch, device, gen):
-    """(crop + flip view, label) batches of one epoch: in-memory images (already on device) through BatchedAugment,
-    image files through view_transform in DataLoader workers."""
-    order = epoch_order(len(train), args.batch_size, args.seed, epoch)
-    if images is not None:
-        augment = data.BatchedAugment("linear", args.img_size, train.mean, train.std)
-        for idx in order:
-            yield augment(images[idx.to(device)], gen), train.labels[idx].to(device)
-        return
-    dataset = data.ImageDataset(train, data.view_transform("linear", args.img_size, train.mean, train.std))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=torch.cat(order).tolist(),
-                                         num_workers=args.workers, pin_memory=device.type == "cuda")
-    for x, y in loader:
-        yield x.to(device, non_blocking=True), y.to(device)
-
-
 def train_epoch(classifier, optimizer, batches, embed):
     """One pass of SGD on the classifier alone; (mean loss, train top-1 %)."""
     classifier.train()
@@ -184,12 +168,15 @@ def main(argv=None):
         print(f"{name}: protocol cached-features, a fast approximation (features extracted once, no training "
               f"augmentation), not MoCo's linear protocol")
     else:
-        images = None if train.images is None else train.images.to(device)
+        if train.images is not None:
+            train.images = train.images.to(device)
         gen = torch.Generator().manual_seed(args.seed)
         embed = backbone
 
-        def train_batches(epoch):
-            return augmented_batches(train, images, args, epoch, device, gen)
+        def train_batches(epoch):  # crop + flip views: on the device for in-memory images, else in workers
+            order = epoch_order(len(train), args.batch_size, args.seed, epoch)
+            return data.view_batches(train, "linear", args.img_size, order, device, views=1, gen=gen,
+                                     workers=args.workers)
 
         def test_batches():
             return data.eval_loader(test, args.img_size, args.batch_size, args.workers, device)

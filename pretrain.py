@@ -174,33 +174,18 @@ def check_setup(args, num_images, world):
             raise SystemExit(sentence + ".")
 
 
-def epoch_batches(train, args, epoch, start, rank, world, device, transform, aug_gen):
+def epoch_batches(train, args, epoch, start, rank, world, device, aug_gen):
     """The rank's (view1, view2) batches of one epoch from step `start` on, in --channels-last's memory format. The
     image order depends only on (seed, epoch), so every rank cuts the same permutation and a resumed run sees the
     same batches."""
-    batches = _epoch_batches(train, args, epoch, start, rank, world, device, transform, aug_gen)
-    if not args.channels_last:
-        return batches
-    return ((x1.contiguous(memory_format=torch.channels_last), x2.contiguous(memory_format=torch.channels_last))
-            for x1, x2 in batches)
-
-
-def _epoch_batches(train, args, epoch, start, rank, world, device, transform, aug_gen):
-    local = args.batch_size // world
     steps = len(train) // args.batch_size
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed + epoch))
-    order = order[:steps * args.batch_size].view(steps, world, local)[start:, rank]
-    if args.aug_backend == "batched":
-        for idx in order:
-            x = train.images[idx.to(train.images.device)]
-            yield transform(x, aug_gen), transform(x, aug_gen)
-        return
-    loader = torch.utils.data.DataLoader(
-        data.TwoViewDataset(train, transform), batch_size=local, sampler=order.flatten().tolist(),
-        num_workers=args.workers, pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(args.seed * 1000 + epoch * world + rank))
-    for x1, x2, _ in loader:
-        yield x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+    order = order[:steps * args.batch_size].view(steps, world, args.batch_size // world)[start:, rank]
+    loader_gen = torch.Generator().manual_seed(args.seed * 1000 + epoch * world + rank)  # the workers' seeds
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    for x1, x2, _ in data.view_batches(train, args.aug, args.img_size, order, device, backend=args.aug_backend,
+                                       gen=aug_gen, workers=args.workers, loader_gen=loader_gen):
+        yield x1.contiguous(memory_format=fmt), x2.contiguous(memory_format=fmt)
 
 
 def duration(seconds):
@@ -348,17 +333,16 @@ def open_run(args, argv, master):
 
 
 def training_data(args, device, world):
-    """The pretraining images and the two-view transform of --aug-backend (batched: the images on the device)."""
+    """The pretraining images; with --aug-backend batched, in memory on the device."""
     train = data.load_data(args.data, "pretrain", args.data_dir, args.subset, args.seed)
     args.img_size = args.img_size or data.default_img_size(args.data)
     check_setup(args, len(train), world)
-    if args.aug_backend == "torchvision":
-        return train, data.view_transform(args.aug, args.img_size, train.mean, train.std)
-    if train.images is None:
-        raise SystemExit(f"--aug-backend batched needs an in-memory data set, and {args.data} is read from image "
-                         f"files: use --aug-backend torchvision.")
-    train.images = train.images.to(device)
-    return train, data.BatchedAugment(args.aug, args.img_size, train.mean, train.std)
+    if args.aug_backend == "batched":
+        if train.images is None:
+            raise SystemExit(f"--aug-backend batched needs an in-memory data set, and {args.data} is read from "
+                             f"image files: use --aug-backend torchvision.")
+        train.images = train.images.to(device)
+    return train
 
 
 def restore(ckpt, path, raw, optimizer, scaler, aug_gen, rank, world, device):
@@ -430,7 +414,7 @@ def run(args, argv):
     master = rank == 0
     args, ckpt = open_run(args, argv, master)
     files = RunFiles(args.out, master)
-    train, transform = training_data(args, device, world)
+    train = training_data(args, device, world)
     torch.manual_seed(args.seed + rank)
     aug_gen = torch.Generator(device=device).manual_seed(args.seed + rank)
     raw, optimizer, scaler, autocast = build(args, device)
@@ -476,8 +460,7 @@ def run(args, argv):
     interval_steps, epoch_steps, images_seen = 0, 0, 0
     while step < last_step:
         epoch = step // steps_per_epoch
-        for x1, x2 in epoch_batches(train, args, epoch, step % steps_per_epoch, rank, world, device, transform,
-                                    aug_gen):
+        for x1, x2 in epoch_batches(train, args, epoch, step % steps_per_epoch, rank, world, device, aug_gen):
             # this step's schedules: lr (warm-up, cosine) and smoothing eps
             lr = lr_at(step, total_steps, warmup_steps, peak_lr(args))
             eps = smooth_eps(args.smooth, args.smooth_schedule, step, total_steps, warmup_steps)
