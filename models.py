@@ -400,6 +400,9 @@ class MoCo(nn.Module):
                  symmetric=False, head_bn=False):
         super().__init__()
         backbone, feat_dim = build_backbone(arch, small_stem)
+        for block in backbone.modules():  # EfficientNet-B0: pretrained without stochastic depth, as light-moco
+            if isinstance(block, InvertedResidual):  # does (measured: README, "Where the networks follow ...")
+                block.drop_prob = 0.0
         self.symmetric = symmetric
         self.encoder_q = nn.Sequential(OrderedDict(backbone=backbone,
                                                    head=build_head(feat_dim, mlp_hidden or feat_dim, dim, head_bn)))
@@ -408,9 +411,6 @@ class MoCo(nn.Module):
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():
             p.requires_grad = False
-        for m in self.encoder_k.modules():  # EfficientNet: stochastic depth regularises the query encoder only;
-            if isinstance(m, InvertedResidual):  # the keys (the targets) come from the whole network, as DINO's teacher
-                m.drop_prob = 0.0
         self.register_buffer("queue", F.normalize(torch.randn(dim, queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 

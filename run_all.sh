@@ -128,8 +128,8 @@ BASELINE=(--batch-size $BATCH_BASE --bn-splits $(bn_splits $BATCH_BASE) --lr 0.0
 SMALL=(--batch-size $BATCH_SMALL --bn-splits $(bn_splits $BATCH_SMALL) --lr 0.03 --wd $WD --warmup-epochs $WARMUP
        --moco-t 0.1 --mlp-hidden 2048 --aug $AUG_SMALL --smooth 0.1 --smooth-k 10 --smooth-mode topk
        --smooth-schedule warmup)                                                            # softened InfoNCE
-# The small-model recipe's loss is symmetric (SPEC, light-moco), except in the CPU demo: there it doubles the recipe's
-# cost per step (mobilenetv3_large: 2.5 -> 5 min per run), which the demo's budget cannot carry (README, "Training health").
+# The small-model recipe's loss is symmetric (as in light-moco's runs), except in the CPU demo: there it would halve
+# the recipe's speed (mobilenetv3_large: 263 instead of 513 img/s), more than the demo's budget can carry.
 [[ $PRESET != demo ]] && SMALL+=(--symmetric)
 
 # --- launcher: every GPU through torchrun, else one CPU process ---------------------------------------------------
