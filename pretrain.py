@@ -364,6 +364,19 @@ def restore(ckpt, path, raw, optimizer, scaler, aug_gen, rank, world, device):
     return ckpt["step"]
 
 
+def prepare_model(args, ckpt, ckpt_path, device, rank, world, ddp, aug_gen):
+    """(raw MoCo model, the model to call (DDP under torchrun), optimizer, scaler, autocast, the step to start from):
+    built, moved to the device, restored from ckpt when resuming, compiled with --compile."""
+    raw, optimizer, scaler, autocast = build(args, device)
+    raw.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    step = restore(ckpt, ckpt_path, raw, optimizer, scaler, aug_gen, rank, world, device) if ckpt else 0
+    if args.compile:
+        raw.encoder_q.compile()
+        raw.encoder_k.compile()
+    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
+    return raw, model, optimizer, scaler, autocast, step
+
+
 def load_teacher(args, device):
     if not args.teacher:
         return None
@@ -417,14 +430,9 @@ def run(args, argv):
     train = training_data(args, device, world)
     torch.manual_seed(args.seed + rank)
     aug_gen = torch.Generator(device=device).manual_seed(args.seed + rank)
-    raw, optimizer, scaler, autocast = build(args, device)
-    raw.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
-    step = restore(ckpt, files.ckpt_path, raw, optimizer, scaler, aug_gen, rank, world, device) if ckpt else 0
+    raw, model, optimizer, scaler, autocast, step = prepare_model(args, ckpt, files.ckpt_path, device, rank, world,
+                                                                  ddp, aug_gen)
     wall_before = ckpt["wall_s"] if ckpt else 0.0  # seconds the steps of a resumed checkpoint took
-    if args.compile:
-        raw.encoder_q.compile()
-        raw.encoder_k.compile()
-    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
     teacher = load_teacher(args, device)
     knn_sets = ([data.load_data(args.data, split, args.data_dir, args.knn_subset, args.seed)
                  for split in ("train", "test")] if args.knn_every and master else None)
