@@ -158,7 +158,8 @@ def diagnostics(model, data_name, data_dir, per_class, img_size, batch_size, dev
     y, c = fixed.labels.to(device), fixed.num_classes
     return {"n_images": len(fixed), "aug": DIAG_AUG, "seed": DIAG_SEED,
             "alignment_original_view": alignment(originals, view1), "alignment_view_view": alignment(view1, view2),
-            "uniformity_original": uniformity(originals, chunk=chunk), "uniformity_view": uniformity(view1, chunk=chunk),
+            "uniformity_original": uniformity(originals, chunk=chunk),
+            "uniformity_view": uniformity(view1, chunk=chunk),
             "intra_class_original": intra_class_alignment(originals, y, c),
             "intra_class_view": intra_class_alignment(view1, y, c),
             "instance_accuracy": instance_accuracy(originals, view1, chunk)}

@@ -315,7 +315,8 @@ def load_pretrained(path, encoder="query"):
     ckpt = read_checkpoint(path)
     args = ckpt["args"]
     backbone, feat_dim = build_backbone(args["arch"], args.get("small_stem", False))
-    head = build_head(feat_dim, args.get("mlp_hidden") or feat_dim, args.get("moco_dim", 128), args.get("head_bn", False))
+    head = build_head(feat_dim, args.get("mlp_hidden") or feat_dim, args.get("moco_dim", 128),
+                      args.get("head_bn", False))
     prefix = {"query": "encoder_q", "key": "encoder_k"}[encoder]
     for part, module in (("backbone", backbone), ("head", head)):
         start = f"{prefix}.{part}."
@@ -400,8 +401,10 @@ class MoCo(nn.Module):
                  symmetric=False, head_bn=False):
         super().__init__()
         backbone, feat_dim = build_backbone(arch, small_stem)
-        for block in backbone.modules():  # EfficientNet-B0: pretrained without stochastic depth, as light-moco
-            if isinstance(block, InvertedResidual):  # does (measured: README, "Where the networks follow ...")
+        # EfficientNet-B0 is pretrained without stochastic depth, as light-moco does (the README, "Use the pretrained
+        # backbone in torchvision", has the measurement)
+        for block in backbone.modules():
+            if isinstance(block, InvertedResidual):
                 block.drop_prob = 0.0
         self.symmetric = symmetric
         self.encoder_q = nn.Sequential(OrderedDict(backbone=backbone,
