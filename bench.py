@@ -17,7 +17,6 @@ key forward, loss, SGD, queue update) for --warmup untimed and --steps timed ste
 Nothing here is asserted by the tests: the figures are for reading and comparing.
 """
 import argparse
-import dataclasses
 import json
 import multiprocessing
 import os
@@ -145,8 +144,6 @@ def run_steps(train, targs, device, args, backend, parts=False):
         raw.encoder_k.compile()
     total = args.warmup + args.steps
     gen = torch.Generator(device=device).manual_seed(0)
-    if backend == "batched":  # a copy with the images on the device; the workers of the other backend read the CPU's
-        train = dataclasses.replace(train, images=train.images.to(device))
     order = torch.randint(len(train), (total, targs.batch_size), generator=torch.Generator().manual_seed(0))
     batches = data.view_batches(train, targs.aug, targs.img_size, order, device, backend=backend, gen=gen,
                                 workers=args.workers)

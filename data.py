@@ -604,14 +604,14 @@ class BatchedAugment:
 
 def view_batches(data, aug, img_size, order, device, views=2, backend=None, gen=None, workers=0, loader_gen=None):
     """For each batch of image indices in `order` (an iterable of 1-D CPU tensors): (view_1, ..., view_<views>,
-    labels) on device. backend "batched", the default for in-memory images (data.images already on their device):
-    BatchedAugment on whole batches, drawing from gen; "torchvision", the only choice for image files: view_transform
-    per image in DataLoader workers, seeded by loader_gen."""
+    labels) on device. backend "batched", the default for in-memory images: BatchedAugment on whole batches on the
+    device (the images are copied there once per call unless they already are), drawing from gen; "torchvision", the
+    only choice for image files: view_transform per image in DataLoader workers, seeded by loader_gen."""
     backend = backend or ("batched" if data.images is not None else "torchvision")
     if backend == "batched":
-        augment = BatchedAugment(aug, img_size, data.mean, data.std)
+        augment, images = BatchedAugment(aug, img_size, data.mean, data.std), data.images.to(device)
         for idx in order:
-            x = data.images[idx.to(data.images.device)]
+            x = images[idx.to(images.device)]
             yield (*[augment(x, gen) for _ in range(views)], data.labels[idx].to(device))
         return
     transform = view_transform(aug, img_size, data.mean, data.std)

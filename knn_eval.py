@@ -13,7 +13,6 @@ error, while another --data is allowed (transfer evaluation) and reported.
 import argparse
 import math
 import time
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -130,8 +129,6 @@ def view_features(model, images, aug, img_size, seed, device, workers=0):
     in eval mode."""
     model.eval()
     torch.manual_seed(seed)  # view_transform in this process (no workers) draws from torch's generator
-    if images.images is not None:
-        images = replace(images, images=images.images.to(device))
     order = torch.arange(len(images)).split(VIEW_CHUNK)
     z1, z2 = [], []
     for x1, x2, _ in view_batches(images, aug, img_size, order, device, gen=torch.Generator().manual_seed(seed),

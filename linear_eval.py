@@ -168,7 +168,7 @@ def main(argv=None):
         print(f"{name}: protocol cached-features, a fast approximation (features extracted once, no training "
               f"augmentation), not MoCo's linear protocol")
     else:
-        if train.images is not None:
+        if train.images is not None:  # on the device once, not at every epoch's view_batches
             train.images = train.images.to(device)
         gen = torch.Generator().manual_seed(args.seed)
         embed = backbone

@@ -22,9 +22,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import models
 from evaluation import knn_monitor, pick_device, writable_dir, write_json
 from losses import SMOOTH_MODES, SMOOTH_SCHEDULES, contrastive_accuracy, distill_loss, smooth_eps, soft_info_nce
-import models
 from models import ARCHS, MoCo, load_pretrained
 
 # 2: --lr is a rate per 256 images (version 1 stored the peak rate itself); resuming needs the same version
@@ -392,7 +392,7 @@ class RunFiles:
     ranks write nothing."""
 
     def __init__(self, out, master):
-        self.out, self.master = out, master
+        self.master = master
         self.log_path, self.ckpt_path = os.path.join(out, "log.jsonl"), os.path.join(out, "checkpoint.pt")
         self.summary_path = os.path.join(out, "summary.json")
 
@@ -402,7 +402,8 @@ class RunFiles:
                 f.write(json.dumps(record) + "\n")
 
     def logged(self, key):
-        return [r[key] for r in map(json.loads, open(self.log_path)) if key in r]
+        with open(self.log_path) as f:
+            return [r[key] for r in map(json.loads, f) if key in r]
 
     def save_checkpoint(self, state):
         if self.master:
