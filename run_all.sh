@@ -9,7 +9,7 @@
 #   PRESET=cifar10 DATA_DIR=~/data bash run_all.sh
 #   ARCHS="resnet18 mobilenetv3_small" bash run_all.sh       a subset of the networks
 #   STUDY_DIR=/scratch bash run_all.sh                        runs/ and results/ go there (default: here)
-#   PYTHON=/path/to/python bash run_all.sh                    use that interpreter as it is (no set-up)
+#   PYTHON=/path/to/python bash run_all.sh                    that interpreter and its packages (no .venv)
 #
 #   preset    data                             pretraining                         expected cost
 #   demo      embedded Fashion-MNIST, 20k      28 px, ImageNet stem, 6 epochs      about 55 min on a 2-core CPU
@@ -26,21 +26,39 @@ shopt -s extglob
 cd "$(dirname "$0")"
 DEMO_COST="about 55 min on a 2-core CPU"  # measured: see README, "The demo study"
 
-# --- set-up: a python with a working torch/torchvision pair, and the embedded data set --------------------------
-# python3 as it is when it imports torch and torchvision (a mismatched pair fails at import); otherwise a
-# project-local .venv with requirements.txt (the pinned pair), made once.
+# --- set-up: a python with the locked packages, and the embedded data set ------------------------------------
+# A project-local .venv with requirements.lock (every package pinned exactly, the torch/torchvision pair included),
+# rebuilt whenever the lock changes; PYTHON=/path/to/python uses that interpreter and its own packages instead.
 works() { "$1" -c "import numpy, pytest, torch, torchvision" >/dev/null 2>&1; }
+sha256() { python3 -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$1"; }
 if [[ -n ${PYTHON:-} ]]; then
   PY=$PYTHON
-elif [[ -x .venv/bin/python ]] && works .venv/bin/python; then
-  PY=.venv/bin/python
-elif works python3; then
-  PY=python3
+  works "$PY" || { echo "set-up: PYTHON=$PY cannot import numpy, pytest, torch and torchvision." >&2; exit 1; }
 else
-  echo "set-up: python3 has no working torch/torchvision pair; installing requirements.txt into ./.venv (once)"
-  python3 -m venv .venv
-  .venv/bin/python -m pip install --isolated --disable-pip-version-check -q -r requirements.txt
-  works .venv/bin/python || { echo "set-up failed: .venv/bin/python cannot import torch and torchvision." >&2; exit 1; }
+  LOCK_SHA=$(sha256 requirements.lock)
+  if [[ $(cat .venv/lock.sha256 2>/dev/null) != "$LOCK_SHA" ]]; then
+    if [[ -e .venv && ! -e .venv/made-by-run_all.sh ]]; then
+      echo "set-up: ./.venv exists but run_all.sh did not make it: move it away, or use it as it is with" \
+           "PYTHON=.venv/bin/python bash run_all.sh ..." >&2
+      exit 1
+    fi
+    echo "set-up: installing requirements.lock into ./.venv$([[ -e .venv ]] && echo ', rebuilt: the lock changed' \
+         'or the last build did not finish') (about 5.5 GB, a few minutes)"
+    rm -rf .venv
+    python3 -m venv .venv
+    touch .venv/made-by-run_all.sh
+    # --isolated: a local pip configuration (an index or wheel folder with another torch build) takes no part;
+    # torchvision only loads against the torch build it was made for
+    .venv/bin/python -m pip install --isolated --disable-pip-version-check -q -r requirements.lock
+    if ! diff <(grep -v '^#' requirements.lock) <(.venv/bin/python -m pip freeze --isolated --all --exclude pip) \
+         >/dev/null; then
+      echo "set-up failed: .venv holds other packages than requirements.lock (pip freeze differs); see" \
+           "README, Install." >&2
+      exit 1
+    fi
+    works .venv/bin/python || { echo "set-up failed: .venv/bin/python cannot import torch and torchvision." >&2; exit 1; }
+    echo "$LOCK_SHA" > .venv/lock.sha256
+  fi
   PY=.venv/bin/python
 fi
 # Fashion-MNIST, the embedded data set: Debian's package where apt-get and root are there; otherwise the scripts
