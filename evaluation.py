@@ -2,6 +2,7 @@
 evaluate (a checkpoint's encoder, or an untrained one) and its flags, features under the evaluation transform, the
 weighted kNN (Wu et al. 2018, InstDisc), and the results files every script writes.
 """
+import hashlib
 import json
 import os
 
@@ -50,12 +51,14 @@ def load_model(args):
         if args.encoder != "query":
             raise SystemExit("--encoder key needs a --ckpt: a random initialisation has a single encoder.")
         args.data, args.pretrain_data = args.data or "fashionmnist", None
+        args.ckpt_step = args.ckpt_sha256 = None
         args.seed = 0 if args.seed is None else args.seed
         args.img_size = args.img_size or default_img_size(args.data)
         torch.manual_seed(args.seed)
         backbone, dim = models.build_backbone(args.arch, args.small_stem)
         return backbone.eval(), None, dim
     backbone, head, dim, saved = models.load_pretrained(args.ckpt, args.encoder)
+    args.ckpt_step, args.ckpt_sha256 = checkpoint_identity(args.ckpt)
     stored_size = saved.get("img_size") or 0
     for conflict, trained in ((args.arch not in (None, saved["arch"]), f"--arch {saved['arch']}"),
                               (args.small_stem and not saved.get("small_stem"), "the standard stem"),
@@ -77,8 +80,20 @@ def load_model(args):
     return backbone, head, dim
 
 
+def checkpoint_identity(path):
+    """(step, SHA-256 of the file's bytes): written into every result, so that a result outlives neither the
+    checkpoint it measured nor a new pretraining in the same folder (run_all.sh redoes it on a mismatch)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    return step, digest.hexdigest()
+
+
 def settings(args, device, dim, num_classes):
-    return {"arch": args.arch, "ckpt": args.ckpt, "random_init": args.random_init, "encoder": args.encoder,
+    return {"arch": args.arch, "ckpt": args.ckpt, "ckpt_step": args.ckpt_step, "ckpt_sha256": args.ckpt_sha256,
+            "random_init": args.random_init, "encoder": args.encoder,
             "small_stem": args.small_stem, "img_size": args.img_size, "data": args.data,
             "pretrain_data": args.pretrain_data, "subset": args.subset, "test_subset": args.test_subset,
             "seed": args.seed, "feat_dim": dim, "num_classes": num_classes, "device": str(device)}
@@ -148,6 +163,12 @@ def knn_monitor(backbone, train_data, test_data, img_size, device, k=200, t=0.1)
 
 def pick_device(name):
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def save_atomic(obj, path):
+    """torch.save through a temporary file and a rename: a kill during the write leaves the previous file intact."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def write_json(results, path):

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import data
-from evaluation import (add_model_flags, check_json_output, extract_features, load_model, pick_device, settings,
-                        topk_accuracy, write_json)
+from evaluation import (add_model_flags, check_json_output, extract_features, load_model, pick_device, save_atomic,
+                        settings, topk_accuracy, write_json)
 
 
 def check_backbone_unchanged(backbone, reference):
@@ -203,10 +203,11 @@ def main(argv=None):
                "best_top5": best["test_top5"], "best_epoch": best["epoch"], "last_top1": history[-1]["test_top1"],
                "last_top5": history[-1]["test_top5"], "classifier": classifier_path(args.json), "history": history,
                "seconds": time.time() - start}
+    # the classifier first: run_all.sh takes an existing --json as a finished stage, so it must never exist alone
+    save_atomic({"classifier": classifier.cpu().state_dict(), "arch": args.arch, "ckpt": args.ckpt,
+                 "encoder": args.encoder, "data": args.data, "num_classes": train.num_classes, "feat_dim": dim,
+                 "img_size": args.img_size, "protocol": protocol}, results["classifier"])
     write_json(results, args.json)
-    torch.save({"classifier": classifier.cpu().state_dict(), "arch": args.arch, "ckpt": args.ckpt,
-                "encoder": args.encoder, "data": args.data, "num_classes": train.num_classes, "feat_dim": dim,
-                "img_size": args.img_size, "protocol": protocol}, results["classifier"])
     print(f"{protocol}: best top-1 {best['test_top1']:.2f}% (epoch {best['epoch']}), last top-1 "
           f"{history[-1]['test_top1']:.2f}%; backbone unchanged; {results['seconds']:.0f} s; results in {args.json}, "
           f"classifier in {results['classifier']}")

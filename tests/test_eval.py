@@ -1,3 +1,4 @@
+import hashlib
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from linear_eval import check_backbone_unchanged
 FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 # 200 synthetic training images (the bank / linear-eval training set), 100 test images, at 32 px
 SMALL = ["--data", "synthetic", "--subset", "200", "--test-subset", "100", "--batch-size", "64"]
+CPU = ["--device", "cpu"]  # these tests are meant for the CPU, GPU or not
 
 
 # ----- independent references: plain loops over numpy float64 ------------------------------------------------------
@@ -165,7 +167,10 @@ def test_diagnostics_see_the_same_images_and_views_for_every_checkpoint():
     backbone, _ = models.build_backbone("mobilenetv3_small")
     first = knn_eval.diagnostics(backbone, "synthetic", None, 5, 32, 64, "cpu")
     again = knn_eval.diagnostics(backbone, "synthetic", None, 5, 32, 16, "cpu")  # another batch size
-    assert first == pytest.approx(again, rel=1e-4) and first["aug"] == "mocov2" and first["n_images"] == 50
+    numbers = [k for k, v in first.items() if isinstance(v, float)]
+    assert {k: first[k] for k in numbers} == pytest.approx({k: again[k] for k in numbers}, rel=1e-4)
+    assert {k: v for k, v in first.items() if k not in numbers} == {k: v for k, v in again.items() if k not in numbers}
+    assert first["aug"] == "mocov2" and first["n_images"] == 50 and "instance_accuracy" in numbers
     assert first["alignment_original_view"] != first["alignment_view_view"]
     assert first["uniformity_original"] != first["uniformity_view"]
 
@@ -239,7 +244,7 @@ def checkpoint(tmp_path_factory):
 
 def test_knn_eval_random_init_end_to_end(tmp_path):
     out = tmp_path / "knn.json"
-    knn_eval.main(["--arch", "mobilenetv3_small", "--random-init", *SMALL, "--k", "20", "200", "--sweep",
+    knn_eval.main(CPU + ["--arch", "mobilenetv3_small", "--random-init", *SMALL, "--k", "20", "200", "--sweep",
                    "--diagnostics", "--diag-per-class", "5", "--channels-last", "--json", str(out)])
     res = json.loads(out.read_text())
     assert (res["n_bank"], res["n_query"], res["feat_dim"], res["ckpt"], res["img_size"]) == (200, 100, 1024, None, 32)
@@ -282,20 +287,20 @@ def test_reestimate_bn_runs_without_stochastic_depth():
 
 
 def test_knn_eval_reestimated_reference(tmp_path):
-    plain = knn_eval.main(["--arch", "mobilenetv3_small", "--random-init", *SMALL, "--k", "20"])
-    bn = knn_eval.main(["--arch", "mobilenetv3_small", "--random-init", "--reestimate-bn", *SMALL, "--k", "20"])
+    plain = knn_eval.main(CPU + ["--arch", "mobilenetv3_small", "--random-init", *SMALL, "--k", "20"])
+    bn = knn_eval.main(CPU + ["--arch", "mobilenetv3_small", "--random-init", "--reestimate-bn", *SMALL, "--k", "20"])
     assert bn["reestimate_bn"] and not plain["reestimate_bn"] and bn["knn"] != plain["knn"]
     with pytest.raises(SystemExit, match="reference for --random-init"):
-        knn_eval.main(["--arch", "mobilenetv3_small", "--reestimate-bn", "--ckpt", "x.pt"])
+        knn_eval.main(CPU + ["--arch", "mobilenetv3_small", "--reestimate-bn", "--ckpt", "x.pt"])
 
 
 def test_knn_eval_checkpoint_end_to_end(checkpoint, tmp_path):
-    res = knn_eval.main(["--ckpt", checkpoint, "--test-subset", "100", "--k", "20", "--diagnostics",
+    res = knn_eval.main(CPU + ["--ckpt", checkpoint, "--test-subset", "100", "--k", "20", "--diagnostics",
                          "--diag-per-class", "5", "--json", str(tmp_path / "q.json")])
     assert (res["subset"], res["n_bank"], res["img_size"], res["data"]) == ("200", 200, 32, "synthetic")  # stored
     assert res["diagnostics"]["aug"] == "mocov2"  # not the checkpoint's pretraining views ("small"): fixed views
-    key = knn_eval.main(["--ckpt", checkpoint, "--test-subset", "100", "--k", "20", "--encoder", "key"])
-    head = knn_eval.main(["--ckpt", checkpoint, "--test-subset", "100", "--k", "20", "--features", "head"])
+    key = knn_eval.main(CPU + ["--ckpt", checkpoint, "--test-subset", "100", "--k", "20", "--encoder", "key"])
+    head = knn_eval.main(CPU + ["--ckpt", checkpoint, "--test-subset", "100", "--k", "20", "--features", "head"])
     assert head["feat_dim"] == 16 and key["encoder"] == "key"
     assert key["knn"] != res["knn"] or head["knn"] != res["knn"]  # other weights, other features
 
@@ -308,7 +313,7 @@ def test_knn_eval_checkpoint_end_to_end(checkpoint, tmp_path):
 ])
 def test_knn_eval_rejects_flags_contradicting_the_checkpoint(checkpoint, flags, sentence):
     with pytest.raises(SystemExit, match=sentence):
-        knn_eval.main(["--ckpt", checkpoint, *flags])
+        knn_eval.main(CPU + ["--ckpt", checkpoint, *flags])
 
 
 @pytest.mark.parametrize("flags, sentence", [
@@ -317,12 +322,13 @@ def test_knn_eval_rejects_flags_contradicting_the_checkpoint(checkpoint, flags, 
 ])
 def test_knn_eval_random_init_flag_errors(flags, sentence):
     with pytest.raises(SystemExit, match=sentence):
-        knn_eval.main(["--random-init", *flags])
+        knn_eval.main(CPU + ["--random-init", *flags])
 
 
 @pytest.mark.skipif(not os.path.exists(FMNIST), reason="Fashion-MNIST is not installed")
 def test_knn_eval_transfer_to_another_data_set(checkpoint, capsys):
-    res = knn_eval.main(["--ckpt", checkpoint, "--data", "fashionmnist", "--subset", "100", "--test-subset", "50"])
+    res = knn_eval.main(CPU + ["--ckpt", checkpoint, "--data", "fashionmnist", "--subset", "100", "--test-subset",
+                               "50"])
     assert (res["data"], res["pretrain_data"], res["img_size"], res["n_bank"]) == ("fashionmnist", "synthetic", 32, 100)
     assert "transfer evaluation" in capsys.readouterr().out
 
@@ -331,18 +337,42 @@ def test_linear_eval_checkpoint_end_to_end(checkpoint, tmp_path):
     """Two epochs (lr 30, then 3); main() runs the sanity check against the loaded weights and would raise if the
     backbone moved. The saved classifier reproduces the last test accuracy."""
     out = tmp_path / "linear.json"
-    res = linear_eval.main(["--ckpt", checkpoint, "--test-subset", "100", "--epochs", "2", "--schedule", "1",
+    res = linear_eval.main(CPU + ["--ckpt", checkpoint, "--test-subset", "100", "--epochs", "2", "--schedule", "1",
                             "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     assert res["protocol"] == "moco-linear" and res["n_train"] == 200 and [h["lr"] for h in res["history"]] == [30, 3]
     assert res["best_top1"] == max(h["test_top1"] for h in res["history"]) >= res["last_top1"]
     assert res["classifier"] == str(tmp_path / "linear_classifier.pt")
-    again = linear_eval.main(["--ckpt", checkpoint, "--test-subset", "100", "--evaluate", res["classifier"]])
+    again = linear_eval.main(CPU + ["--ckpt", checkpoint, "--test-subset", "100", "--evaluate", res["classifier"]])
     assert (again["top1"], again["top5"]) == (res["last_top1"], res["last_top5"])
 
 
+def test_results_name_the_checkpoint_they_measured(checkpoint, tmp_path):
+    """Its step and the SHA-256 of its bytes: run_all.sh redoes a result whose checkpoint has changed."""
+    digest = hashlib.sha256(open(checkpoint, "rb").read()).hexdigest()
+    knn = knn_eval.main(CPU + ["--ckpt", checkpoint, "--test-subset", "100", "--k", "20"])
+    linear = linear_eval.main(CPU + ["--ckpt", checkpoint, "--test-subset", "100", "--epochs", "1", "--cached",
+                                     "--json", str(tmp_path / "linear.json")])
+    for res in knn, linear:
+        assert (res["ckpt_step"], res["ckpt_sha256"]) == (30, digest)
+    reference = knn_eval.main(CPU + ["--arch", "mobilenetv3_small", "--random-init", *SMALL, "--k", "20"])
+    assert reference["ckpt_step"] is None and reference["ckpt_sha256"] is None
+
+
+def test_linear_eval_saves_the_classifier_before_its_results(checkpoint, tmp_path, monkeypatch):
+    """run_all.sh takes an existing linear.json as a finished stage: a kill while the classifier is saved must
+    leave no linear.json behind."""
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        linear_eval.main(CPU + ["--ckpt", checkpoint, "--test-subset", "100", "--epochs", "1", "--cached",
+                                "--json", str(tmp_path / "linear.json")])
+    assert not os.path.exists(tmp_path / "linear.json")
+
+
 def test_linear_eval_random_init_cached_end_to_end(tmp_path):
-    res = linear_eval.main(["--arch", "mobilenetv3_small", "--random-init", *SMALL, "--epochs", "2", "--cached",
+    res = linear_eval.main(CPU + ["--arch", "mobilenetv3_small", "--random-init", *SMALL, "--epochs", "2", "--cached",
                             "--json", str(tmp_path / "cached.json")])
     assert res["protocol"] == "cached-features" and len(res["history"]) == 2 and res["ckpt"] is None
     assert os.path.exists(tmp_path / "cached_classifier.pt")
@@ -353,9 +383,9 @@ def test_linear_eval_rejects_a_classifier_that_does_not_fit(checkpoint, tmp_path
     torch.save({"classifier": torch.nn.Linear(1024, 7).state_dict(), "arch": "mobilenetv3_small",
                 "data": "synthetic", "num_classes": 7, "feat_dim": 1024}, path)
     with pytest.raises(SystemExit, match="number of classes 7"):
-        linear_eval.main(["--ckpt", checkpoint, "--test-subset", "100", "--evaluate", str(path)])
+        linear_eval.main(CPU + ["--ckpt", checkpoint, "--test-subset", "100", "--evaluate", str(path)])
     with pytest.raises(SystemExit, match="pass --json OUT"):
-        linear_eval.main(["--ckpt", checkpoint])
+        linear_eval.main(CPU + ["--ckpt", checkpoint])
 
 
 # ----- outputs: checked before any work, never replacing another kind of file ---------------------------------------
@@ -385,7 +415,7 @@ def test_linear_eval_never_replaces_a_file_where_the_classifier_goes(checkpoint,
     other = tmp_path / "out_classifier.pt"
     other.write_bytes(b"not a classifier")
     with pytest.raises(SystemExit, match="exists and is not a classifier saved by linear_eval.py"):
-        linear_eval.main(["--ckpt", checkpoint, "--json", str(tmp_path / "out.json")])
+        linear_eval.main(CPU + ["--ckpt", checkpoint, "--json", str(tmp_path / "out.json")])
     assert other.read_bytes() == b"not a classifier"
 
 
