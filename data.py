@@ -602,17 +602,41 @@ class BatchedAugment:
 
 # --- the backend choice, made once for every caller that draws augmented views ---
 
-def view_batches(data, aug, img_size, order, device, views=2, backend=None, gen=None, workers=0, loader_gen=None):
+AUG_BACKENDS = ("auto", "batched", "torchvision")
+
+
+def aug_backend(data, requested="auto"):
+    """The augmentation backend for data: "batched" (BatchedAugment on whole batches on the device) needs images in
+    memory, "torchvision" (view_transform per image in DataLoader workers) reads anything; "auto" is batched for
+    in-memory data sets and torchvision for image files."""
+    if requested == "auto":
+        return "batched" if data.images is not None else "torchvision"
+    if requested == "batched" and data.images is None:
+        raise SystemExit(f"--aug-backend batched needs an in-memory data set, and {data.name} is read from image "
+                         f"files: use --aug-backend torchvision or auto.")
+    return requested
+
+
+def to_device(t, device):
+    """A host tensor on device; to CUDA through pinned memory and without making the host wait for the copy."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def view_batches(data, aug, img_size, order, device, views=2, backend="auto", gen=None, workers=0,
+                 loader_gen=None):
     """For each batch of image indices in `order` (an iterable of 1-D CPU tensors): (view_1, ..., view_<views>,
-    labels) on device. backend "batched", the default for in-memory images: BatchedAugment on whole batches on the
-    device (the images are copied there once per call unless they already are), drawing from gen; "torchvision", the
-    only choice for image files: view_transform per image in DataLoader workers, seeded by loader_gen."""
-    backend = backend or ("batched" if data.images is not None else "torchvision")
-    if backend == "batched":
-        augment, images = BatchedAugment(aug, img_size, data.mean, data.std), data.images.to(device)
+    labels) on device, through the backend aug_backend(data, backend) names. batched: BatchedAugment on whole
+    batches on the device (images and labels are copied there once per call unless they already are), drawing from
+    gen; torchvision: view_transform per image in DataLoader workers, seeded by loader_gen."""
+    if aug_backend(data, backend) == "batched":
+        augment = BatchedAugment(aug, img_size, data.mean, data.std)
+        images, labels = data.images.to(device), data.labels.to(device)
         for idx in order:
-            x = images[idx.to(images.device)]
-            yield (*[augment(x, gen) for _ in range(views)], data.labels[idx].to(device))
+            idx = to_device(idx, images.device)
+            x = images[idx]
+            yield (*[augment(x, gen) for _ in range(views)], labels[idx])
         return
     transform = view_transform(aug, img_size, data.mean, data.std)
     dataset = TwoViewDataset(data, transform) if views == 2 else ImageDataset(data, transform)

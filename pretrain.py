@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import models
-from evaluation import knn_monitor, pick_device, writable_dir, write_json
+from evaluation import knn_monitor, pick_device, save_atomic, writable_dir, write_json
 from losses import SMOOTH_MODES, SMOOTH_SCHEDULES, contrastive_accuracy, distill_loss, smooth_eps, soft_info_nce
 from models import ARCHS, MoCo, load_pretrained
 
@@ -63,8 +63,9 @@ def parser():
     a("--img-size", type=data.img_size_flag, default=0, help=f"view size, at least {data.MIN_IMG_SIZE}; 0 = the "
                                                              f"data set's native size")
     a("--aug", default="mocov2", choices=data.AUGS, help="augmentation preset (data.py)")
-    a("--aug-backend", default="torchvision", choices=("torchvision", "batched"),
-      help="per-image transforms in DataLoader workers, or per-sample parameters on whole batches on the device")
+    a("--aug-backend", default="auto", choices=data.AUG_BACKENDS,
+      help="torchvision: per-image transforms in DataLoader workers; batched: per-sample parameters on whole "
+           "batches on the device; auto: batched for in-memory data sets, torchvision for image files")
     a("--workers", type=count(0, 256), default=min(4, os.cpu_count() or 1),
       help="DataLoader workers (torchvision backend); default: 4, at most this machine's cores")
     a("--epochs", type=count(1, 100_000), default=200, help="length of the lr schedule")
@@ -210,23 +211,33 @@ def trim_log(path, step):
         f.writelines(kept)
 
 
-def check_finite(loss_sum, step, out):
-    if not math.isfinite(loss_sum):
-        raise SystemExit(f"the loss became {loss_sum} before step {step}; stopped without saving, so the last "
+def mean_over_ranks(sums, count):
+    """sums / count averaged over every process: the same numbers on every rank, so that a decision taken on them
+    (stop on a NaN) is taken by all ranks together instead of leaving the others waiting in the next collective."""
+    if dist.is_initialized():
+        sums = sums.clone()
+        dist.all_reduce(sums)
+        count *= dist.get_world_size()
+    return (sums / count).tolist()
+
+
+def check_finite(loss, step, out):
+    if not math.isfinite(loss):
+        raise SystemExit(f"the loss became {loss} before step {step}; stopped without saving, so the last "
                          f"good checkpoint in {out} is kept: lower --lr, or use --amp off.")
 
 
 def check_finite_weights(model, step, out):
-    """No checkpoint with NaN or inf weights: a finite loss does not prove the update that followed it was finite."""
+    """No checkpoint with NaN or inf weights: a finite loss does not prove the update that followed it was finite.
+    Every rank checks its own copy (BN statistics differ between ranks) and all stop if any rank found one."""
     bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
-    if bad:
-        raise SystemExit(f"{len(bad)} weight tensors ({bad[0]}, ...) became NaN or inf by step {step}; stopped "
-                         f"without saving, so the last good checkpoint in {out} is kept: lower --lr, or use --amp off.")
-
-
-def save_atomic(obj, path):
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)  # a kill during the write leaves the previous file intact
+    ranks_with_bad = torch.tensor([float(bool(bad))], device=model.queue.device)
+    if dist.is_initialized():
+        dist.all_reduce(ranks_with_bad)
+    if ranks_with_bad.item():
+        found = f"{len(bad)} weight tensors ({bad[0]}, ...)" if bad else "weight tensors on another process"
+        raise SystemExit(f"{found} became NaN or inf by step {step}; stopped without saving, so the last good "
+                         f"checkpoint in {out} is kept: lower --lr, or use --amp off.")
 
 
 def rng_states(aug_gen):
@@ -293,9 +304,15 @@ def main(argv=None):
 
 
 def interrupted(out, argv):
-    """Ctrl-C's one sentence: where the last checkpoint is and the command that continues from it."""
+    """Ctrl-C's one sentence: where the last checkpoint is and the command that continues from it (under torchrun,
+    a torchrun command with as many processes per node)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = shlex.join(["python3", "pretrain.py", *argv, *([] if "--resume" in argv else ["--resume"])])
+    launcher = ["python3"]
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        nodes = int(os.environ["WORLD_SIZE"]) // int(os.environ["LOCAL_WORLD_SIZE"])
+        launcher = ["torchrun", *(["--standalone"] if nodes == 1 else [f"--nnodes={nodes}", "..."]),
+                    f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"]
+    command = shlex.join([*launcher, "pretrain.py", *argv, *([] if "--resume" in argv else ["--resume"])])
     path = os.path.join(out, "checkpoint.pt")
     if not os.path.exists(path):
         return f"interrupted before the first checkpoint, so nothing was saved: rerun `{command}` to start again."
@@ -337,18 +354,18 @@ def training_data(args, device, world):
     train = data.load_data(args.data, "pretrain", args.data_dir, args.subset, args.seed)
     args.img_size = args.img_size or data.default_img_size(args.data)
     check_setup(args, len(train), world)
+    args.aug_backend = data.aug_backend(train, args.aug_backend)
     if args.aug_backend == "batched":
-        if train.images is None:
-            raise SystemExit(f"--aug-backend batched needs an in-memory data set, and {args.data} is read from "
-                             f"image files: use --aug-backend torchvision.")
         train.images = train.images.to(device)
     return train
 
 
-def restore(ckpt, path, raw, optimizer, scaler, aug_gen, rank, world, device):
+def restore(ckpt, path, raw, optimizer, scaler, aug_gen, args, rank, world, device):
     """Load a checkpoint into the model (already on its device, so that SGD's momentum buffers follow their
-    parameters there), the optimizer and the scaler; continue every random stream exactly when the number of
-    processes is the same. Returns the checkpoint's step."""
+    parameters there), the optimizer and the scaler. Every random stream continues exactly when the number of
+    processes and the kind of device are the checkpoint's; otherwise (a CPU and a CUDA generator's states differ in
+    kind and size) each rank's streams start afresh from (seed, rank, step), so they neither fail nor repeat the first
+    epoch's draws. Returns the checkpoint's step."""
     try:
         raw.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -356,12 +373,21 @@ def restore(ckpt, path, raw, optimizer, scaler, aug_gen, rank, world, device):
         raise SystemExit(f"{path} does not fit this model ({str(e).splitlines()[0]}): move it away or choose "
                          f"another --out.")
     scaler.load_state_dict(ckpt["scaler"])
-    if len(ckpt["rng"]) == world:
-        torch.set_rng_state(ckpt["rng"][rank]["torch"])
-        aug_gen.set_state(ckpt["rng"][rank]["aug"])
-        if "cuda" in ckpt["rng"][rank] and device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
-    return ckpt["step"]
+    step, saved = ckpt["step"], ckpt["rng"]
+    if len(saved) == world and saved[rank]["aug"].shape == aug_gen.get_state().shape:
+        torch.set_rng_state(saved[rank]["torch"])
+        aug_gen.set_state(saved[rank]["aug"])
+        if "cuda" in saved[rank] and device.type == "cuda":
+            torch.cuda.set_rng_state(saved[rank]["cuda"])
+        return step
+    fresh = hash((args.seed, rank, step)) % 2**63  # ints and tuples of ints hash alike in every Python process
+    torch.manual_seed(fresh)
+    aug_gen.manual_seed(fresh)
+    if rank == 0:
+        print(f"resuming with {world} process(es) on {device.type} a run saved by {len(saved)} with other random "
+              f"generators: the random streams (augmentation, shuffle BN) continue from fresh seeds of (--seed, rank, "
+              f"step), so the run is no longer bit-identical to an uninterrupted one.")
+    return step
 
 
 def prepare_model(args, ckpt, ckpt_path, device, rank, world, ddp, aug_gen):
@@ -369,7 +395,7 @@ def prepare_model(args, ckpt, ckpt_path, device, rank, world, ddp, aug_gen):
     built, moved to the device, restored from ckpt when resuming, compiled with --compile."""
     raw, optimizer, scaler, autocast = build(args, device)
     raw.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
-    step = restore(ckpt, ckpt_path, raw, optimizer, scaler, aug_gen, rank, world, device) if ckpt else 0
+    step = restore(ckpt, ckpt_path, raw, optimizer, scaler, aug_gen, args, rank, world, device) if ckpt else 0
     if args.compile:
         raw.encoder_q.compile()
         raw.encoder_k.compile()
@@ -483,7 +509,7 @@ def run(args, argv):
             interval += sums
             epoch_sum += sums
             if step % args.log_every == 0 or step == last_step:
-                mean_loss, mean_acc = (interval / interval_steps).tolist()
+                mean_loss, mean_acc = mean_over_ranks(interval, interval_steps)
                 check_finite(mean_loss, step, args.out)
                 speed = images_seen / (time.time() - start_time - paused)  # this session's mean: steadier
                 files.log({"epoch": epoch, "step": step, "loss": mean_loss, "acc": mean_acc, "lr": lr, "eps": eps,
@@ -497,7 +523,7 @@ def run(args, argv):
             if step == last_step:
                 break
         pause = time.time()
-        epoch_loss, epoch_acc = (epoch_sum / max(1, epoch_steps)).tolist()
+        epoch_loss, epoch_acc = mean_over_ranks(epoch_sum, max(1, epoch_steps))
         check_finite(epoch_loss, step, args.out)
         if step % steps_per_epoch == 0:  # the health curve: pretext accuracy and loss averaged over the epoch
             files.log({"epoch": step // steps_per_epoch, "step": step, "epoch_loss": epoch_loss,

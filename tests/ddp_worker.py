@@ -1,5 +1,6 @@
 """Run by test_pretrain under torchrun: trains with pretrain.main on every rank, then checks that all ranks hold
-the same weights (both encoders) and queue, and writes the verdict to the JSON file named first. BN running
+the same weights (both encoders) and queue, and writes the verdict to the JSON file named first. With
+NAN_LOSS_ON_RANK=r, rank r reports a NaN loss at every step (its weights stay finite). BN running
 statistics are not compared: DDP broadcasts rank 0's buffers at the start of each forward, so after the last step
 each rank still holds the statistics of its own last batch."""
 import json
@@ -13,6 +14,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pretrain  # noqa: E402
 
 result_path, argv = sys.argv[1], sys.argv[2:]
+if os.environ.get("NAN_LOSS_ON_RANK") == os.environ["RANK"]:  # this rank alone logs a NaN loss
+    real = pretrain.train_step
+
+    def nan_loss_step(*args, **kwargs):
+        loss, acc = real(*args, **kwargs)
+        return loss * float("nan"), acc
+    pretrain.train_step = nan_loss_step
 model = pretrain.main(argv)
 state = {k: v.detach().cpu() for k, v in model.named_parameters()}
 state.update(queue=model.queue.cpu(), queue_ptr=model.queue_ptr.cpu())

@@ -6,6 +6,7 @@ import re
 import struct
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 import data
+import pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_MNIST = os.path.join(data.FASHION_MNIST_SYSTEM_DIR, "t10k-images-idx3-ubyte.gz")
@@ -319,6 +321,16 @@ def test_synthetic_data_is_fixed_and_class_structured():
     nearest = (pixels(test) @ pixels(train).T).argmax(1)  # 1-NN on raw pixels
     accuracy = (train.labels[nearest] == test.labels).float().mean().item()
     assert 0.4 < accuracy < 0.9, accuracy  # chance is 0.1; good features have room to do better
+
+
+def test_one_rule_picks_the_augmentation_backend_for_every_script(tmp_path):
+    in_memory = data.load_data("synthetic", "train", subset="4")
+    files = replace(in_memory, images=None, paths=[str(tmp_path / f"{i}.png") for i in range(4)])
+    assert data.aug_backend(in_memory) == "batched" and data.aug_backend(files) == "torchvision"
+    assert data.aug_backend(in_memory, "torchvision") == "torchvision"
+    with pytest.raises(SystemExit, match="--aug-backend batched needs an in-memory data set"):
+        data.aug_backend(files, "batched")
+    assert pretrain.get_args([]).aug_backend == "auto"  # pretrain.py's default is the rule's, as view_batches'
 
 
 def test_unknown_names_exit():

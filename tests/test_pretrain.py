@@ -22,7 +22,7 @@ FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 # 64 synthetic images, batch 16: 4 steps per epoch; a queue of 32 keys
 TINY = ["--arch", "mobilenetv3_small", "--data", "synthetic", "--subset", "64", "--img-size", "32",
         "--batch-size", "16", "--moco-k", "32", "--moco-m", "0.9", "--moco-t", "0.1", "--lr", "0.05",
-        "--epochs", "2", "--workers", "0", "--channels-last", "--log-every", "2"]
+        "--epochs", "2", "--workers", "0", "--channels-last", "--log-every", "2", "--device", "cpu"]
 
 
 def tiny_moco(**kwargs):
@@ -193,7 +193,7 @@ def test_bad_inputs_end_with_one_sentence_and_keep_the_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="--bn-splits 3 does not divide"):
         run(tmp_path, "--bn-splits", "3", name="k")
     with pytest.raises(SystemExit, match="--amp bf16 needs a CUDA device"):
-        run(tmp_path, "--amp", "bf16", "--device", "cpu", name="k")
+        run(tmp_path, "--amp", "bf16", name="k")  # TINY runs on the CPU
     with pytest.raises(SystemExit):  # argparse: invalid choice, exit code 2
         run(tmp_path, "--arch", "vgg16", name="k")
 
@@ -219,6 +219,19 @@ def test_two_process_ddp_run_keeps_ranks_identical(tmp_path):
     ranks = json.loads(result.read_text())
     assert ranks["identical"], ranks
     assert ranks["queue_ptr"] == 3 * 16 % 32  # keys of both ranks were enqueued
+
+
+def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
+    """Rank 1 alone sees a NaN loss (tests/ddp_worker.py): the ranks decide on the loss averaged over all of them,
+    so both stop with the sentence instead of rank 0 waiting in the next collective for a rank that has left."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "tests", "ddp_worker.py"), str(tmp_path / "ranks.json")] + TINY + [
+        "--aug-backend", "batched", "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "NAN_LOSS_ON_RANK": "1"})
+    assert proc.returncode != 0
+    assert proc.stderr.count("the loss became nan before step 2") == 2, proc.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "ddp" / "checkpoint.pt")
 
 
 @pytest.mark.slow
@@ -363,6 +376,27 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tmp_path, monkeyp
     assert capsys.readouterr().err.strip() == (f"interrupted; the last checkpoint, {ckpt}, holds step 4: resume with "
                                                f"`python3 pretrain.py {' '.join(argv)}`.")
     assert open(ckpt, "rb").read() == good and not os.path.exists(ckpt + ".tmp")
+
+
+def test_ctrl_c_under_torchrun_says_torchrun(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    hint = pretrain.interrupted(str(tmp_path), ["--arch", "resnet18"])
+    assert hint.endswith("rerun `torchrun --standalone --nproc_per_node=2 pretrain.py --arch resnet18 --resume` to "
+                         "start again.")
+    monkeypatch.setenv("WORLD_SIZE", "8")  # four nodes of two processes: the other launcher flags are the user's
+    assert "`torchrun --nnodes=4 ... --nproc_per_node=2 pretrain.py" in pretrain.interrupted(str(tmp_path), [])
+
+
+def test_resume_on_another_kind_of_device_continues_with_fresh_random_streams(tmp_path, capsys):
+    out, _ = run(tmp_path, "--aug-backend", "batched", "--max-steps", "4")
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    ckpt["rng"][0]["aug"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's state: 16 bytes, not 5056
+    torch.save(ckpt, os.path.join(out, "checkpoint.pt"))
+    run(tmp_path, "--aug-backend", "batched", "--resume")
+    said = capsys.readouterr().out
+    assert "resuming at step 4" in said and "continue from fresh seeds of (--seed, rank, step)" in said
+    assert json.load(open(os.path.join(out, "summary.json")))["steps"] == 8
 
 
 def test_duration_has_days_past_24_hours():
