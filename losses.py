@@ -90,7 +90,10 @@ def smooth_eps(eps, schedule, step, total_steps, warmup_steps):
 
 def distill_loss(student, teacher):
     """DisCo: squared distance between the L2-normalised student and (frozen) teacher embeddings, summed over
-    batch and dimensions (DisCo, Gao et al. 2022)."""
+    batch and dimensions (DisCo, Gao et al. 2022). The sum over the process's batch is DisCo's own reduction
+    (DisCo-pytorch's nn.MSELoss(reduction="sum") on each GPU's 32 images of its batch 256 on 8 GPUs, the gradients
+    averaged over GPUs by DDP), kept as it is: against InfoNCE, a batch mean, the term weighs in proportion to the
+    per-process batch, so DisCo's balance holds at 32 images per process."""
     return (F.normalize(student, dim=1) - F.normalize(teacher.detach(), dim=1)).pow(2).sum()
 
 

@@ -2,9 +2,12 @@ import json
 import math
 
 import pytest
+import torch
 
 import bench
 from models import build_backbone
+
+CPU = ["--device", "cpu"]  # these tests are meant for the CPU, GPU or not
 
 
 @pytest.mark.parametrize("arch, macs", [("resnet18", 1.8136e9), ("mobilenetv3_large", 0.2166e9)])
@@ -15,11 +18,11 @@ def test_forward_macs_match_the_published_counts(arch, macs):
 
 def test_the_benchmark_times_a_real_step_and_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    bench.main(["--arch", "mobilenetv3_small", "--batch-size", "16", "--moco-k", "64", "--warmup", "1",
-                "--steps", "1", "--workers", "0", "--json", str(out)])
+    bench.main(CPU + ["--arch", "mobilenetv3_small", "--batch-size", "16", "--moco-k", "64", "--warmup", "1",
+                      "--steps", "1", "--workers", "0", "--json", str(out)])
     (row,) = json.loads(out.read_text())
-    for key in ("images_per_s", "step_ms", "augment_ms", "query_fwd_bwd_ms", "torchvision_images_per_s", "batched_over_torchvision", "channels_last_speedup", "peak_memory_mb",
-                "forward_mmacs"):
+    for key in ("images_per_s", "step_ms", "augment_ms", "query_fwd_bwd_ms", "torchvision_images_per_s",
+                "batched_over_torchvision", "channels_last_speedup", "peak_memory_mb", "forward_mmacs"):
         assert row[key] > 0, key
     assert math.isfinite(row["rest_ms"]) and math.isfinite(row["moco_overhead"])  # differences of timings
     assert row["backbone_params"] == 1_517_856
@@ -27,8 +30,8 @@ def test_the_benchmark_times_a_real_step_and_writes_every_figure(tmp_path):
 
 def test_augmentation_only_mode(tmp_path, capsys):
     out = tmp_path / "aug.json"
-    bench.main(["--aug-only", "--img-size", "32", "--batch-size", "8", "--batches", "1", "--workers", "0",
-                "--json", str(out)])
+    bench.main(CPU + ["--aug-only", "--img-size", "32", "--batch-size", "8", "--batches", "1", "--workers", "0",
+                      "--json", str(out)])
     rows = json.loads(out.read_text())
     assert {r["backend"] for r in rows} == {"torchvision", "batched"}
     assert all(r["images_per_s"] > 0 for r in rows)
@@ -36,9 +39,22 @@ def test_augmentation_only_mode(tmp_path, capsys):
 
 def test_no_compare_times_the_default_configuration_alone(tmp_path):
     out = tmp_path / "bench.json"
-    bench.main(["--arch", "mobilenetv3_small", "--batch-size", "16", "--moco-k", "64", "--warmup", "1",
-                "--steps", "1", "--workers", "0", "--no-compare", "--json", str(out)])
+    bench.main(CPU + ["--arch", "mobilenetv3_small", "--batch-size", "16", "--moco-k", "64", "--warmup", "1",
+                      "--steps", "1", "--workers", "0", "--no-compare", "--json", str(out)])
     (row,) = json.loads(out.read_text())
     assert row["images_per_s"] > 0
     assert not [key for key in row if key.endswith("_images_per_s") or key.endswith("_speedup")
                 or "_over_" in key]  # no other backend, format or precision was timed
+
+
+def test_every_network_is_timed_in_a_fresh_process_on_every_device(monkeypatch):
+    """In one process torch.compile passes its recompile limit (8) by the fifth network, which then silently runs
+    eager: each network gets a process of its own, on a GPU as on a CPU."""
+    timed = []
+    monkeypatch.setattr(bench, "pick_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(bench, "device_name", lambda device: "a GPU")
+    monkeypatch.setattr(bench, "bench_arch", lambda *a: pytest.fail("a network was timed in this process"))
+    monkeypatch.setattr(bench, "in_fresh_process", lambda args, arch, size, device: timed.append(arch) or
+                        {"arch": arch, "images_per_s": 1.0})
+    bench.main(["--arch", "resnet18", "mobilenetv3_small", "efficientnet_b0"])
+    assert timed == ["resnet18", "mobilenetv3_small", "efficientnet_b0"]

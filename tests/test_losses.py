@@ -129,6 +129,9 @@ def test_distill_loss_is_summed_squared_distance_of_normalised_embeddings():
     sn = s.numpy() / np.linalg.norm(s.numpy(), axis=1, keepdims=True)
     tn = t.numpy() / np.linalg.norm(t.numpy(), axis=1, keepdims=True)
     assert distill_loss(s, t).item() == pytest.approx(((sn - tn) ** 2).sum(), rel=1e-5)
+    disco = torch.nn.MSELoss(reduction="sum")  # DisCo-pytorch's criterion, on each process's batch
+    assert distill_loss(s, t).item() == pytest.approx(disco(F.normalize(t, dim=1), F.normalize(s, dim=1)).item(),
+                                                      rel=1e-5)
     s.requires_grad_()
     t.requires_grad_()
     distill_loss(s, t).backward()
