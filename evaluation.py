@@ -22,6 +22,8 @@ def add_model_flags(p):
     a("--ckpt", help="checkpoint.pt written by pretrain.py")
     a("--arch", choices=models.ARCHS, help="with --random-init: the untrained baseline; with --ckpt: must match it")
     a("--random-init", action="store_true", help="evaluate an untrained backbone, initialised with --seed")
+    a("--pixels", action="store_true", help="evaluate the pixels themselves (the evaluation transform's output, "
+                                            "flattened): the raw-pixel reference")
     a("--encoder", default="query", choices=("query", "key"), help="the checkpoint's query or momentum encoder")
     a("--small-stem", action="store_true", help="stem for 28-64 px inputs; read from the checkpoint")
     a("--data", choices=DATASETS, help="default: the checkpoint's (another one is a transfer evaluation), else "
@@ -41,19 +43,26 @@ def add_model_flags(p):
 
 
 def load_model(args):
-    """(backbone, head or None, feat_dim) named by --ckpt or --arch --random-init, on the CPU in eval mode. Fills the
-    unset flags from the checkpoint's args; a flag contradicting them is an error."""
-    if bool(args.ckpt) == args.random_init:
-        raise SystemExit("pass either --ckpt CHECKPOINT or --arch NAME --random-init (the untrained baseline).")
-    if args.random_init:
-        if args.arch is None:
+    """(backbone, head or None, feat_dim) named by --ckpt, --arch --random-init or --pixels, on the CPU in eval mode.
+    Fills the unset flags from the checkpoint's args; a flag contradicting them is an error."""
+    if sum((bool(args.ckpt), args.random_init, args.pixels)) != 1:
+        raise SystemExit("pass either --ckpt CHECKPOINT, or --arch NAME --random-init (the untrained baseline), or "
+                         "--pixels (the raw-pixel reference).")
+    if not args.ckpt:
+        if args.random_init and args.arch is None:
             raise SystemExit("--random-init needs --arch NAME: the architecture to initialise.")
+        if args.pixels and (args.arch or args.small_stem):
+            raise SystemExit("--pixels evaluates the images themselves: drop --arch and --small-stem.")
         if args.encoder != "query":
-            raise SystemExit("--encoder key needs a --ckpt: a random initialisation has a single encoder.")
+            raise SystemExit("--encoder key needs a --ckpt: a random initialisation or the pixels have a single "
+                             "encoder.")
         args.data, args.pretrain_data = args.data or "fashionmnist", None
         args.ckpt_step = args.ckpt_sha256 = None
         args.seed = 0 if args.seed is None else args.seed
         args.img_size = args.img_size or default_img_size(args.data)
+        if args.pixels:
+            args.arch = "pixels"
+            return torch.nn.Flatten().eval(), None, 3 * args.img_size ** 2
         torch.manual_seed(args.seed)
         backbone, dim = models.build_backbone(args.arch, args.small_stem)
         return backbone.eval(), None, dim
@@ -93,7 +102,7 @@ def checkpoint_identity(path):
 
 def settings(args, device, dim, num_classes):
     return {"arch": args.arch, "ckpt": args.ckpt, "ckpt_step": args.ckpt_step, "ckpt_sha256": args.ckpt_sha256,
-            "random_init": args.random_init, "encoder": args.encoder,
+            "random_init": args.random_init, "pixels": args.pixels, "encoder": args.encoder,
             "small_stem": args.small_stem, "img_size": args.img_size, "data": args.data,
             "pretrain_data": args.pretrain_data, "subset": args.subset, "test_subset": args.test_subset,
             "seed": args.seed, "feat_dim": dim, "num_classes": num_classes, "device": str(device)}

@@ -4,6 +4,7 @@ AAAI'22 paper's code, WOWNICE/ssl-small, measures them).
 
     python knn_eval.py --ckpt runs/mnv3s/checkpoint.pt --subset 10000 --k 20 200 --sweep --diagnostics --json OUT
     python knn_eval.py --arch mobilenetv3_small --random-init --data fashionmnist --subset 10000 --json OUT
+    python knn_eval.py --pixels --data fashionmnist --subset 10000 --json OUT       # the raw-pixel reference
 
 Features are the pooled backbone output of the query encoder (--encoder key, --features head for the projection
 output) under the evaluation transform. The bank is the training split (--subset), the queries the test split
@@ -197,7 +198,8 @@ def main(argv=None):
     start = time.time()
     backbone, head, dim = load_model(args)
     if args.features == "head" and head is None:
-        raise SystemExit("--features head needs a --ckpt: a random initialisation has no trained projection head.")
+        raise SystemExit("--features head needs a --ckpt: a random initialisation or the pixels have no trained "
+                         "projection head.")
     model = backbone if args.features == "backbone" else torch.nn.Sequential(backbone, head)
     device = pick_device(args.device)
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
@@ -213,8 +215,9 @@ def main(argv=None):
     results = {"protocol": "knn", **settings(args, device, dim, train.num_classes), "features": args.features,
                "reestimate_bn": args.reestimate_bn, "n_bank": len(bank), "n_query": len(query), "t": args.t,
                "knn": [], "best_nn": None, "diagnostics": None}
-    name = "random init" + (", BN statistics of the data" if args.reestimate_bn else "")
-    print(f"{args.arch} ({name if args.random_init else args.ckpt}), {args.features} features d={dim}, "
+    name = args.ckpt or ("raw pixels" if args.pixels else
+                         "random init" + (", BN statistics of the data" if args.reestimate_bn else ""))
+    print(f"{args.arch} ({name}), {args.features} features d={dim}, "
           f"{args.data} at {args.img_size} px: bank {len(bank)}, queries {len(query)}")
     print(f"{'protocol':<22}{'k':>5}{'top-1':>8}{'top-5':>8}")
     normed_bank, normed_query = F.normalize(bank, dim=1), F.normalize(query, dim=1)

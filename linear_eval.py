@@ -134,7 +134,8 @@ def main(argv=None):
     train = data.load_data(args.data, "train", args.data_dir, args.subset, args.seed)
     test = data.load_data(args.data, "test", args.data_dir, args.test_subset, args.seed)
     protocol = "cached-features" if args.cached else "moco-linear"
-    name = f"{args.arch} ({'random init' if args.random_init else args.ckpt}), {args.data} at {args.img_size} px"
+    what = "raw pixels" if args.pixels else args.ckpt or "random init"
+    name = f"{args.arch} ({what}), {args.data} at {args.img_size} px"
 
     if args.evaluate:
         classifier = load_classifier(args.evaluate, args, dim, train.num_classes).to(device)

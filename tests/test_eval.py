@@ -286,6 +286,22 @@ def test_reestimate_bn_runs_without_stochastic_depth():
     torch.testing.assert_close(stats[0], stats[1], atol=0, rtol=0)
 
 
+def test_knn_eval_pixels_reference_is_the_normalised_images():
+    res = knn_eval.main(CPU + ["--pixels", *SMALL, "--k", "20", "--diagnostics", "--diag-per-class", "5"])
+    train, test = load_data("synthetic", "train", subset="200"), load_data("synthetic", "test", subset="100")
+    mean, std = (torch.tensor(s).view(1, 3, 1, 1) for s in (train.mean, train.std))
+    bank, query = ((d.images.double() / 255 - mean) / std for d in (train, test))  # independent of eval_loader
+    scores = knn_predict(F.normalize(query.flatten(1), dim=1), F.normalize(bank.flatten(1), dim=1), train.labels,
+                         10, 20)
+    assert res["knn"][0]["top1"] == pytest.approx(topk_accuracy(scores, test.labels)[0], abs=1.0 + 1e-9)  # <= 1 tie
+    assert (res["arch"], res["pixels"], res["feat_dim"], res["ckpt"]) == ("pixels", True, 3 * 32 * 32, None)
+    assert 0 < res["diagnostics"]["instance_accuracy"] < 100
+    with pytest.raises(SystemExit, match="--pixels evaluates the images themselves"):
+        knn_eval.main(CPU + ["--pixels", "--arch", "resnet18", *SMALL])
+    with pytest.raises(SystemExit, match="pass either --ckpt"):
+        knn_eval.main(CPU + ["--pixels", "--random-init", "--arch", "resnet18", *SMALL])
+
+
 def test_knn_eval_reestimated_reference(tmp_path):
     plain = knn_eval.main(CPU + ["--arch", "mobilenetv3_small", "--random-init", *SMALL, "--k", "20"])
     bn = knn_eval.main(CPU + ["--arch", "mobilenetv3_small", "--random-init", "--reestimate-bn", *SMALL, "--k", "20"])
