@@ -1,30 +1,43 @@
 #!/usr/bin/env bash
 # The whole study: for each of the five networks, MoCo-v2 pretraining with the baseline recipe and with the
-# small-model recipe (softened InfoNCE), then weighted kNN (with the random-init reference and the diagnostics) and
-# linear evaluation; a results table at the end. It sets up what it needs first (see "set-up" below).
+# small-model recipe (softened InfoNCE), then weighted kNN (with the diagnostics) and linear evaluation, beside three
+# references under the same kNN protocol (the untrained network, the same with the data's BN statistics, raw
+# pixels); a results table at the end. It sets up what it needs first (see "set-up" below).
 #
 #   bash run_all.sh                           the demo on a CPU, the fmnist study where there is a GPU
 #   bash run_all.sh [PRESET] [DATA_DIR]       PRESET: demo, fmnist, cifar10, imagenet, smoke
 #   bash run_all.sh tests [PYTEST ARGS]       the test suite (after the same set-up); e.g. `tests -m slow`
+#   JOBS=2 bash run_all.sh                    pretrainings (each with its evaluations) at once; see "jobs" below
+#   SEEDS=3 bash run_all.sh                   every run and reference over seeds 0, 1, 2 (default: 1 seed)
+#   DRY_RUN=1 bash run_all.sh demo            print every command the study would run, run nothing
 #   PRESET=cifar10 DATA_DIR=~/data bash run_all.sh
 #   ARCHS="resnet18 mobilenetv3_small" bash run_all.sh       a subset of the networks
 #   STUDY_DIR=/scratch bash run_all.sh                        runs/ and results/ go there (default: here)
 #   PYTHON=/path/to/python bash run_all.sh                    that interpreter and its packages (no .venv)
 #
 #   preset    data                             pretraining                         expected cost
-#   demo      embedded Fashion-MNIST, 20k      28 px, ImageNet stem, 6 epochs      about 55 min on a 2-core CPU
+#   demo      embedded Fashion-MNIST, 20k      28 px, ImageNet stem, 6 epochs      DEMO_COST below, 2-core CPU
 #   fmnist    Fashion-MNIST, 60k               28 px, small stem, 200 epochs       hours on one GPU
 #   cifar10   CIFAR-10 (DATA_DIR)              32 px, small stem, 200 epochs       hours on one GPU
 #   imagenet  ImageFolder train/ val/ (DATA_DIR) 224 px, 200 epochs, 8 GPUs        days on 8 GPUs
 #   smoke     synthetic images, 64             a few steps; checks the pipeline    about 1 min
 #
-# Every GPU present is used through torchrun; with none, one CPU process. Finished runs are skipped, interrupted
-# ones resumed (pretrain.py --resume), so rerunning the command continues a killed study. Any failing stage stops
-# the study (set -e). Results: results/<preset>/RESULTS.md and results.csv; runs (checkpoints, logs): runs/<preset>/.
+# Finished stages are skipped (an evaluation only while its JSON names the checkpoint as it is now), interrupted
+# pretrainings resumed (pretrain.py --resume), so rerunning the command continues a killed study. Any failing job
+# stops the study. runs/<preset>/<run>/: checkpoints; results/<preset>/: RESULTS.md, results.csv, results.svg and
+# for every run and reference its JSON, logs and the exact commands (command.txt): everything but the checkpoints.
 set -euo pipefail
 shopt -s extglob
 cd "$(dirname "$0")"
-DEMO_COST="about 55 min on a 2-core CPU"  # measured: see README, "The demo study"
+DEMO_COST="about 55 min on a 2-core CPU"  # measured: see docs/training-health.md
+# what the user gave, checked before the (slow) set-up
+SEEDS=${SEEDS:-1}
+[[ $SEEDS =~ ^[1-9][0-9]*$ ]] || { echo "SEEDS=$SEEDS is not a number of seeds (1, 2, ...)." >&2; exit 2; }
+[[ ${JOBS:-1} =~ ^[1-9][0-9]*$ ]] || { echo "JOBS=$JOBS is not a number of jobs (1, 2, ...)." >&2; exit 2; }
+if [[ -n ${1:-${PRESET:-}} && ${1:-${PRESET:-}} != @(demo|fmnist|cifar10|imagenet|smoke|tests) ]]; then
+  echo "unknown preset '${1:-$PRESET}': choose demo, fmnist, cifar10, imagenet or smoke (or tests)." >&2
+  exit 2
+fi
 
 # --- set-up: a python with the locked packages, and the embedded data set ------------------------------------
 # A project-local .venv with requirements.lock (every package pinned exactly, the torch/torchvision pair included),
@@ -79,6 +92,7 @@ fi
 
 # --- the preset: given, or chosen by the hardware ------------------------------------------------------------
 GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+NPROC=$(nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 1)
 PRESET=${1:-${PRESET:-}}
 if [[ -z $PRESET ]]; then
   if (( GPUS )); then
@@ -95,52 +109,65 @@ if [[ -z $PRESET ]]; then
 fi
 DATA_DIR=${2:-${DATA_DIR:-}}
 ARCHS=(${ARCHS:-resnet18 resnet34 mobilenetv3_large mobilenetv3_small efficientnet_b0})  # ARCHS="a b": a subset
+# JOBS: measured on a 2-core CPU, two pretrainings of one thread each beat one of two threads (docs/performance.md)
+JOBS=${JOBS:-$( ((GPUS)) && echo 1 || echo $(( NPROC >= 2 ? 2 : 1 )))}
+DRY_RUN=${DRY_RUN:-}
 STUDY_DIR=${STUDY_DIR:-.}  # where runs/ and results/ go
 RUNS=$STUDY_DIR/runs/$PRESET
 OUT=$STUDY_DIR/results/$PRESET
 
-# --- presets: data, schedule, and the evaluation budget --------------------------------------------------------
+# --- presets: data, network, pretraining schedule, and the evaluation budget ----------------------------------
+# DATA: the data set (every stage); NET: the network's stem (pretraining, random-init references); PRETRAIN: the
+# pretraining's own flags, shared by both recipes; EVAL: kNN and linear evaluation; LINEAR: linear evaluation alone.
+NET=()
 case $PRESET in
   demo)  # CPU-sized: 28 px, ImageNet stem and channels_last (the small stem costs 8-20x on a CPU), a 20k subset.
     # At this budget (936 steps) a projection head without BN collapses (every query drifts to one direction and
-    # kNN ends below random init), so both recipes get --head-bn here; see README, "Troubleshooting".
-    DATA=(--data fashionmnist --subset 20000 ${DATA_DIR:+--data-dir "$DATA_DIR"})
+    # kNN ends below random init), so both recipes get --head-bn here; see docs/training-health.md.
+    DATA=(--data fashionmnist ${DATA_DIR:+--data-dir "$DATA_DIR"})
     # BN groups of 64 images, as in MoCo's CIFAR demo: groups of 16 at 1x1 feature maps make a key depend so much
-    # on its group that the positive loses even for identical views (README, "Training health").
-    COMMON=(--epochs 6 --moco-k 1024 --moco-m 0.99 --head-bn --aug-backend batched --channels-last --knn-every 3
-            --knn-subset 5000 --log-every 52)
+    # on its group that the positive loses even for identical views (docs/training-health.md).
+    PRETRAIN=(--subset 20000 --epochs 6 --moco-k 1024 --moco-m 0.99 --head-bn --aug-backend batched --channels-last
+              --knn-every 3 --knn-subset 5000 --log-every 52)
     BATCH_BASE=128; BATCH_SMALL=128; BN_GROUP=64; WD=5e-4; WARMUP=1; AUG_BASE=small; AUG_SMALL=small
     EVAL=(--subset 10000 --channels-last)
     LINEAR=(--cached --epochs 30 --schedule 18 24) ;;
-  fmnist|cifar10)  # the well-known MoCo setting on small data sets (MoCo's CIFAR-10 demo; README, Presets)
+  fmnist|cifar10)  # the well-known MoCo setting on small data sets (MoCo's CIFAR-10 demo; docs/fidelity.md)
     [[ $PRESET == fmnist ]] && SET=fashionmnist || SET=cifar10
-    DATA=(--data $SET --small-stem ${DATA_DIR:+--data-dir "$DATA_DIR"})
-    COMMON=(--epochs 200 --moco-k 4096 --moco-m 0.99 --aug-backend batched --channels-last --knn-every 10)
+    DATA=(--data $SET ${DATA_DIR:+--data-dir "$DATA_DIR"})
+    NET=(--small-stem)
+    PRETRAIN=(--epochs 200 --moco-k 4096 --moco-m 0.99 --aug-backend batched --channels-last --knn-every 10)
     BATCH_BASE=512; BATCH_SMALL=512; BN_GROUP=64; WD=5e-4; WARMUP=5; AUG_BASE=small; AUG_SMALL=small
     EVAL=(--channels-last)
     LINEAR=() ;;
   imagenet)  # the papers' settings: 224 px, K 65536, m 0.999, blur; DATA_DIR holds train/ and val/
     [[ -n $DATA_DIR ]] || { echo "run_all.sh imagenet needs DATA_DIR (a folder with train/ and val/)." >&2; exit 2; }
     DATA=(--data imagefolder --data-dir "$DATA_DIR")
-    COMMON=(--epochs 200 --moco-k 65536 --moco-m 0.999 --aug-backend torchvision --workers 10 --channels-last
-            --knn-every 0)
+    PRETRAIN=(--epochs 200 --moco-k 65536 --moco-m 0.999 --aug-backend torchvision --workers 10 --channels-last
+              --knn-every 0)
     BATCH_BASE=256; BATCH_SMALL=512; BN_GROUP=64; WD=1e-4; WARMUP=5; AUG_BASE=mocov2; AUG_SMALL=strong
     EVAL=(--workers 10 --channels-last)
-    LINEAR=(--workers 10) ;;
+    LINEAR=() ;;
   smoke)  # the test suite's check of this script: synthetic images, a few steps, no claim about accuracy
-    DATA=(--data synthetic --subset 64)
-    COMMON=(--epochs 1 --moco-k 32 --moco-m 0.99 --aug-backend batched --knn-every 1)
+    DATA=(--data synthetic)
+    PRETRAIN=(--subset 64 --epochs 1 --moco-k 32 --moco-m 0.99 --aug-backend batched --knn-every 1)
     BATCH_BASE=16; BATCH_SMALL=16; BN_GROUP=8; WD=5e-4; WARMUP=0; AUG_BASE=small; AUG_SMALL=small
     EVAL=(--subset 64 --test-subset 32)
     LINEAR=(--cached --epochs 2 --schedule 1) ;;
-  *) echo "unknown preset '$PRESET': choose demo, fmnist, cifar10, imagenet or smoke (or tests)." >&2; exit 2 ;;
 esac
+
+# --- launcher: with JOBS=1 every GPU serves one run through torchrun; otherwise each run takes one process ------
+if (( GPUS > 1 && JOBS == 1 )); then
+  LAUNCH=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$GPUS"); PER_RUN=$GPUS
+else
+  LAUNCH=("$PY"); PER_RUN=1
+fi
 
 # --- the two recipes (README, "The two recipes"); every flag that differs is spelled out here -------------------
 # --lr is per 256 images (pretrain.py scales it by the batch): MoCo-v2's 0.03 at 256 is the small recipe's 0.06 at 512.
 # Split BN (shuffle BN on one process): BN_GROUP images per group on every process, whatever the number of
 # processes; a process holding BN_GROUP images or fewer is one group, and its keys are shuffled across processes.
-bn_splits() { local per=$(( $1 / (GPUS > 1 ? GPUS : 1) )); echo $(( per > BN_GROUP ? per / BN_GROUP : 1 )); }
+bn_splits() { local per=$(( $1 / PER_RUN )); echo $(( per > BN_GROUP ? per / BN_GROUP : 1 )); }
 BASELINE=(--batch-size $BATCH_BASE --bn-splits $(bn_splits $BATCH_BASE) --lr 0.03 --wd $WD --moco-t 0.2
           --mlp-hidden 0 --aug $AUG_BASE)                                                   # InfoNCE, asymmetric
 SMALL=(--batch-size $BATCH_SMALL --bn-splits $(bn_splits $BATCH_SMALL) --lr 0.03 --wd $WD --warmup-epochs $WARMUP
@@ -150,38 +177,131 @@ SMALL=(--batch-size $BATCH_SMALL --bn-splits $(bn_splits $BATCH_SMALL) --lr 0.03
 # the recipe's speed (mobilenetv3_large: 263 instead of 513 img/s), more than the demo's budget can carry.
 [[ $PRESET != demo ]] && SMALL+=(--symmetric)
 
-# --- launcher: every GPU through torchrun, else one CPU process ---------------------------------------------------
-if (( GPUS > 1 )); then
-  LAUNCH=($PY -m torch.distributed.run --standalone --nproc_per_node="$GPUS")
-else
-  LAUNCH=($PY)
+# --- the stages of each job; every command is recorded beside its results -------------------------------------
+sha256() { python3 -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$1"; }
+# done_already RESULT [CHECKPOINT]: RESULT exists (and names CHECKPOINT as it is now); never under DRY_RUN
+done_already() {
+  [[ -z $DRY_RUN && -f $1 ]] || return 1
+  [[ $# == 1 ]] || grep -qF "\"ckpt_sha256\": \"$(sha256 "$2")\"" "$1"
+}
+# stage DIR COMMAND...: appends the command (with this job's environment) to DIR/command.txt and runs it
+JOB_ENV=()
+stage() {
+  local dir=$1; shift
+  local line; line=$(printf '%q ' "${JOB_ENV[@]}" "$@")
+  if [[ -n $DRY_RUN ]]; then echo "${line% }"; return; fi
+  echo "${line% }" >> "$dir/command.txt"
+  env "${JOB_ENV[@]}" "$@"
+}
+job_dir() {  # where a job's results, logs and commands go
+  case $1 in
+    run) echo "$OUT/${2}_${3}_s$4" ;;
+    refs) echo "$OUT/${2}_random_s$3" ;;
+    pixels) echo "$OUT/pixels" ;;
+  esac
+}
+job_run() {  # ARCH RECIPE SEED: the pretraining (resumed if interrupted), then kNN and linear evaluation
+  local run=$RUNS/${1}_${2}_s$3 res; res=$(job_dir run "$@")
+  local flags=("${BASELINE[@]}"); [[ $2 == small ]] && flags=("${SMALL[@]}")
+  if [[ -n $DRY_RUN ]] || ! grep -qs '"complete": true' "$run/summary.json"; then  # a --max-steps run is not done
+    stage "$res" "${LAUNCH[@]}" pretrain.py --arch "$1" "${DATA[@]}" "${NET[@]}" "${PRETRAIN[@]}" "${flags[@]}" \
+      --seed "$3" --out "$run" --resume
+  fi
+  [[ -n $DRY_RUN ]] || cp "$run/log.jsonl" "$run/summary.json" "$res/"  # the run's logs beside its results
+  done_already "$res/knn.json" "$run/checkpoint.pt" || stage "$res" "$PY" knn_eval.py --ckpt "$run/checkpoint.pt" \
+    "${EVAL[@]}" --k 20 200 --sweep --diagnostics --json "$res/knn.json"
+  done_already "$res/linear.json" "$run/checkpoint.pt" || stage "$res" "$PY" linear_eval.py \
+    --ckpt "$run/checkpoint.pt" "${EVAL[@]}" "${LINEAR[@]}" --json "$res/linear.json"
+}
+job_refs() {  # ARCH SEED: the untrained network as initialised, and with the BN statistics of the training images
+  local res; res=$(job_dir refs "$@")
+  done_already "$res/knn.json" || stage "$res" "$PY" knn_eval.py --arch "$1" --random-init --seed "$2" "${DATA[@]}" \
+    "${NET[@]}" "${EVAL[@]}" --k 20 200 --json "$res/knn.json"
+  done_already "$res/knn_bn.json" || stage "$res" "$PY" knn_eval.py --arch "$1" --random-init --reestimate-bn \
+    --seed "$2" "${DATA[@]}" "${NET[@]}" "${EVAL[@]}" --k 20 200 --json "$res/knn_bn.json"
+}
+job_pixels() {  # raw pixels under the same kNN protocol (the same for every seed: the data do not depend on it)
+  local res; res=$(job_dir pixels)
+  done_already "$res/knn.json" || stage "$res" "$PY" knn_eval.py --pixels "${DATA[@]}" "${EVAL[@]}" --k 20 200 \
+    --diagnostics --json "$res/knn.json"
+}
+
+# --- the jobs: runs first (the longest), seed by seed; then the references -------------------------------------
+LIST=()
+for seed in $(seq 0 $((SEEDS - 1))); do
+  for arch in "${ARCHS[@]}"; do LIST+=("run $arch baseline $seed" "run $arch small $seed"); done
+done
+for seed in $(seq 0 $((SEEDS - 1))); do for arch in "${ARCHS[@]}"; do LIST+=("refs $arch $seed"); done; done
+LIST+=("pixels")
+
+where=$( ((GPUS)) && echo "$GPUS GPU(s)" || echo "a CPU of $NPROC cores")
+echo "run_all.sh $PRESET: ${#ARCHS[@]} networks x 2 recipes x $SEEDS seed(s) on $where, $JOBS job(s) at once" \
+     "(JOBS=N to change); results in $OUT"
+if [[ -n $DRY_RUN ]]; then
+  for job in "${LIST[@]}"; do read -ra j <<< "$job"; echo "# $job"; "job_${j[0]}" "${j[@]:1}"; done
+  exit 0
 fi
-echo "run_all.sh $PRESET: ${#ARCHS[@]} networks x 2 recipes on $( ((GPUS)) && echo "$GPUS GPU(s)" || echo CPU)"
 mkdir -p "$RUNS" "$OUT"
-rm -f "$OUT/RESULTS.md" "$OUT/results.csv" "$OUT/results.png"  # written again only if every stage succeeds
+rm -f "$OUT/RESULTS.md" "$OUT/results.csv" "$OUT/results.svg"  # written again only if every job succeeds
 START=$SECONDS
 
-for arch in "${ARCHS[@]}"; do
-  # the random-init references, once per network (seed 0, the same evaluation): as initialised, and with the BN
-  # running statistics set to those of the training images (the normalisation a trained network has, no learning)
-  ref=$OUT/${arch}_random_knn.json
-  [[ -f $ref ]] || $PY knn_eval.py --arch "$arch" --random-init "${DATA[@]}" "${EVAL[@]}" --k 20 200 --json "$ref"
-  ref_bn=$OUT/${arch}_random_bn_knn.json
-  [[ -f $ref_bn ]] || $PY knn_eval.py --arch "$arch" --random-init --reestimate-bn "${DATA[@]}" "${EVAL[@]}" \
-    --k 20 200 --json "$ref_bn"
-  for recipe in baseline small; do
-    run=$RUNS/${arch}_$recipe
-    if [[ $recipe == baseline ]]; then flags=("${BASELINE[@]}"); else flags=("${SMALL[@]}"); fi
-    echo "== $arch, $recipe recipe -> $run"
-    if ! grep -qs '"complete": true' "$run/summary.json"; then  # a --max-steps run is not finished
-      "${LAUNCH[@]}" pretrain.py --arch "$arch" "${DATA[@]}" "${COMMON[@]}" "${flags[@]}" --out "$run" --resume
+# job_env SLOT: the environment of the job in that slot. Several jobs on a CPU divide its cores; on several GPUs
+# each job takes one; on one GPU they share it.
+job_env() {
+  JOB_ENV=()
+  if (( JOBS > 1 && GPUS == 0 )); then JOB_ENV+=(OMP_NUM_THREADS=$(( NPROC / JOBS > 1 ? NPROC / JOBS : 1 ))); fi
+  if (( JOBS > 1 && GPUS > 1 )); then JOB_ENV+=(CUDA_VISIBLE_DEVICES=$(( $1 % GPUS ))); fi
+}
+if (( JOBS == 1 )); then  # one job at a time, its output on the terminal and in its log
+  for job in "${LIST[@]}"; do
+    read -ra j <<< "$job"; dir=$(job_dir "${j[@]}"); mkdir -p "$dir"
+    echo "== $job -> $dir"
+    if ! ( job_env 0; "job_${j[0]}" "${j[@]:1}" ) 2>&1 | tee -ia "$dir/output.log"; then
+      echo "run_all.sh: the job '$job' failed (its error is above, and in $dir/output.log)." >&2
+      exit 1
     fi
-    [[ -f $run/knn.json ]] || $PY knn_eval.py --ckpt "$run/checkpoint.pt" "${EVAL[@]}" --k 20 200 --sweep \
-      --diagnostics --json "$run/knn.json"
-    [[ -f $run/linear.json ]] || $PY linear_eval.py --ckpt "$run/checkpoint.pt" "${EVAL[@]}" "${LINEAR[@]}" \
-      --json "$run/linear.json"
   done
-done
+else  # JOBS slots, each job in the background with its output in its own log; a progress line per job every minute
+  set -m  # every job in a process group of its own, so that stopping a job stops its whole pipeline
+  PIDS=(); NAMES=(); next=0; running=0; done_jobs=0; shown=$SECONDS
+  stop_all() { for pid in "${PIDS[@]}"; do [[ -n $pid ]] && kill -INT -- "-$pid" 2>/dev/null; done; wait || true; }
+  trap 'stop_all; echo "run_all.sh: interrupted; run the same command again to continue." >&2; exit 130' INT TERM
+  while (( next < ${#LIST[@]} || running )); do
+    for ((slot = 0; slot < JOBS; slot++)); do
+      pid=${PIDS[slot]:-}
+      if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
+        read -ra j <<< "${NAMES[slot]}"; dir=$(job_dir "${j[@]}")
+        if ! wait "$pid"; then
+          PIDS[slot]=""; stop_all
+          echo "run_all.sh: the job '${NAMES[slot]}' failed; the end of $dir/output.log:" >&2
+          tail -n 15 "$dir/output.log" >&2
+          exit 1
+        fi
+        PIDS[slot]=""; running=$((running - 1)); done_jobs=$((done_jobs + 1))
+      fi
+      if [[ -z ${PIDS[slot]:-} ]] && (( next < ${#LIST[@]} )); then
+        NAMES[slot]=${LIST[next]}; next=$((next + 1))
+        read -ra j <<< "${NAMES[slot]}"; dir=$(job_dir "${j[@]}"); mkdir -p "$dir"
+        echo "== $(date +%H:%M:%S) ${NAMES[slot]} -> $dir/output.log"
+        ( job_env "$slot"; "job_${j[0]}" "${j[@]:1}" ) >> "$dir/output.log" 2>&1 &
+        PIDS[slot]=$!; running=$((running + 1))
+      fi
+    done
+    if (( SECONDS - shown >= 60 )); then
+      shown=$SECONDS
+      echo "-- $(date +%H:%M:%S) $done_jobs of ${#LIST[@]} jobs done"
+      for ((slot = 0; slot < JOBS; slot++)); do
+        [[ -n ${PIDS[slot]:-} ]] || continue
+        read -ra j <<< "${NAMES[slot]}"
+        echo "   ${NAMES[slot]}: $(tail -c 4000 "$(job_dir "${j[@]}")/output.log" | tr '\r' '\n' | grep -v '^ *$' |
+                                   tail -n 1 | cut -c 1-110)"
+      done
+    fi
+    sleep 1
+  done
+  set +m
+fi
 
-# --- the table: one row per network and recipe, from the JSON files the stages wrote ----------------------------
-$PY report.py "$PRESET" "$RUNS" "$OUT" "$((SECONDS - START))" "${ARCHS[@]}"
+# --- the table: every figure as mean +- sd over the seeds, and the paired differences --------------------------
+"$PY" report.py "$PRESET" "$OUT" "$((SECONDS - START))" --archs "${ARCHS[@]}" --seeds "$SEEDS" \
+  --invocation "JOBS=$JOBS SEEDS=$SEEDS bash run_all.sh $PRESET"

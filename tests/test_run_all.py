@@ -1,21 +1,28 @@
-"""run_all.sh, end to end on its `smoke` preset (synthetic images, a few steps, one network): the stages chain, the
-table is written, a finished study is skipped on rerun, and a failing stage stops the study without a table."""
+"""run_all.sh, end to end on its `smoke` preset (synthetic images, a few steps, one network): the jobs chain, the
+table is written, a finished study is skipped on rerun, an evaluation is redone when its checkpoint changes, and a
+failing job stops the study without a table. Also report.py's statistics and every preset's commands."""
 import csv
+import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import pretrain
+import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = "mobilenetv3_small_small_s0"
 
 
-def study(tmp_path, preset="smoke"):
-    env = {**os.environ, "ARCHS": "mobilenetv3_small", "STUDY_DIR": str(tmp_path), "PYTHON": sys.executable}
+def study(tmp_path, preset="smoke", **env):
+    env = {**os.environ, "ARCHS": "mobilenetv3_small", "STUDY_DIR": str(tmp_path), "PYTHON": sys.executable,
+           "CUDA_VISIBLE_DEVICES": "", **env}  # a test meant for the CPU, GPU or not
     return subprocess.run(["bash", "run_all.sh", preset], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
 
@@ -23,72 +30,139 @@ def study(tmp_path, preset="smoke"):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("study")
-    return tmp_path, study(tmp_path)
+    return tmp_path, study(tmp_path, SEEDS="2", JOBS="2")
 
 
-def test_the_study_writes_one_row_per_recipe(finished):
+def test_the_study_writes_one_row_per_recipe_and_seed(finished):
     tmp_path, proc = finished
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "results" / "smoke"
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert [(r["arch"], r["recipe"]) for r in rows] == [("mobilenetv3_small", "baseline"),
-                                                        ("mobilenetv3_small", "small")]
+    assert [(r["arch"], r["recipe"], r["seed"]) for r in rows] == [
+        ("mobilenetv3_small", recipe, seed) for seed in "01" for recipe in ("baseline", "small")]
+    pixels = json.load(open(out / "pixels" / "knn.json"))
     for r in rows:
+        ref = json.load(open(out / f"mobilenetv3_small_random_s{r['seed']}" / "knn.json"))
+        ref_bn = json.load(open(out / f"mobilenetv3_small_random_s{r['seed']}" / "knn_bn.json"))
+        assert ref["seed"] == int(r["seed"]) and ref_bn["reestimate_bn"]
+        assert float(r["knn200_random"]) == ref["knn"][1]["top1"]
+        assert float(r["knn200_random_bn"]) == ref_bn["knn"][1]["top1"]
+        assert float(r["knn200_pixels"]) == pixels["knn"][1]["top1"] and pixels["pixels"]
         assert float(r["knn200_gain"]) == pytest.approx(float(r["knn200"]) - float(r["knn200_random"]), abs=1e-6)
         assert 0 <= float(r["linear_top1"]) <= 100 and float(r["images_per_s"]) > 0
-        ref_bn = json.load(open(out / "mobilenetv3_small_random_bn_knn.json"))
-        assert ref_bn["reestimate_bn"] and float(r["knn200_random_bn"]) == ref_bn["knn"][1]["top1"]
     table = (out / "RESULTS.md").read_text()
-    assert "| mobilenetv3_small | small | 1.52M |" in table
-    for recipe in ("baseline", "small"):  # pretext accuracy, first -> last epoch, from the run's log
-        log = [json.loads(line) for line in open(tmp_path / "runs" / "smoke" / f"mobilenetv3_small_{recipe}" /
-                                                  "log.jsonl")]
-        acc = [r["epoch_acc"] for r in log if "epoch_acc" in r]
-        assert f"| {recipe} | 1.52M | 1 | {acc[0]:.1f} -> {acc[-1]:.1f} |" in table
+    for recipe in ("baseline", "small"):  # pretext accuracy, first -> last epoch, mean +- sd over the seeds' logs
+        acc = [[json.loads(line)["epoch_acc"] for line in open(out / f"mobilenetv3_small_{recipe}_s{s}" / "log.jsonl")
+                if "epoch_acc" in line] for s in (0, 1)]
+        first = report.spread([a[0] for a in acc], 1)
+        assert f"| mobilenetv3_small | {recipe} | 1 | {first} -> " in table
+    assert "| mobilenetv3_small | 1.52M |" in table  # the references' table
     assert table.strip().splitlines()[-1] in proc.stdout  # the table is printed at the end
+    assert (out / "results.svg").read_text().startswith("<svg")
+
+
+def test_every_command_is_recorded_beside_its_results(finished):
+    tmp_path, _ = finished
+    out = tmp_path / "results" / "smoke"
+    dry = study(tmp_path, SEEDS="2", DRY_RUN="1")
+    assert dry.returncode == 0, dry.stderr
+    jobs = dry.stdout.split("\n# ")[1:]
+    assert len(jobs) == 7  # 2 seeds x (2 runs + references) + raw pixels
+    for job in jobs:
+        name, *commands = job.strip().splitlines()
+        kind, *what = name.split()
+        folder = ("pixels" if kind == "pixels" else f"{what[0]}_random_s{what[1]}" if kind == "refs"
+                  else f"{what[0]}_{what[1]}_s{what[2]}")
+        recorded = (out / folder / "command.txt").read_text().splitlines()
+        assert [c.removeprefix("OMP_NUM_THREADS=1 ") for c in recorded] == commands, folder
+        assert (out / folder / "output.log").stat().st_size > 0
 
 
 def test_the_two_recipes_differ_as_the_script_says(finished):
     tmp_path, _ = finished
     runs = tmp_path / "runs" / "smoke"
-    base = pretrain.read_checkpoint(str(runs / "mobilenetv3_small_baseline" / "checkpoint.pt"))["args"]
-    small = pretrain.read_checkpoint(str(runs / "mobilenetv3_small_small" / "checkpoint.pt"))["args"]
-    assert (base["smooth"], base["moco_t"], base["mlp_hidden"]) == (0.0, 0.2, 0)
-    assert (small["smooth"], small["moco_t"], small["mlp_hidden"], small["smooth_k"]) == (0.1, 0.1, 2048, 10)
+    base = pretrain.read_checkpoint(str(runs / "mobilenetv3_small_baseline_s0" / "checkpoint.pt"))["args"]
+    small = pretrain.read_checkpoint(str(runs / "mobilenetv3_small_small_s1" / "checkpoint.pt"))["args"]
+    assert (base["smooth"], base["moco_t"], base["mlp_hidden"], base["seed"]) == (0.0, 0.2, 0, 0)
+    assert (small["smooth"], small["moco_t"], small["mlp_hidden"], small["smooth_k"], small["seed"]) == (0.1, 0.1,
+                                                                                                       2048, 10, 1)
 
 
 def test_a_rerun_skips_finished_stages(finished):
     tmp_path, first = finished
-    ckpt = tmp_path / "runs" / "smoke" / "mobilenetv3_small_small" / "checkpoint.pt"
+    ckpt = tmp_path / "runs" / "smoke" / RUN / "checkpoint.pt"
     before = ckpt.stat().st_mtime_ns
-    proc = study(tmp_path)
+    proc = study(tmp_path, SEEDS="2", JOBS="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "steps/epoch" not in proc.stdout and "kNN top-1" not in proc.stdout  # nothing trained or evaluated
     assert ckpt.stat().st_mtime_ns == before
     assert (tmp_path / "results" / "smoke" / "RESULTS.md").exists()
 
 
-def test_a_failing_stage_stops_the_study_without_a_table(finished, tmp_path):
+def test_a_new_checkpoint_is_evaluated_again(finished, tmp_path):
+    """An evaluation names the checkpoint it measured: one written by another pretraining in the same folder (here
+    its weights perturbed) gets new kNN and linear results; the other runs' results stay."""
     shutil.copytree(finished[0], tmp_path, dirs_exist_ok=True)
-    run = tmp_path / "runs" / "smoke" / "mobilenetv3_small_small"
-    (run / "knn.json").unlink()
-    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    proc = study(tmp_path)
+    out, ckpt = tmp_path / "results" / "smoke", tmp_path / "runs" / "smoke" / RUN / "checkpoint.pt"
+    saved = torch.load(ckpt, weights_only=True)
+    name = next(k for k in saved["model"] if k.startswith("encoder_q.backbone.") and k.endswith("weight"))
+    saved["model"][name] = saved["model"][name] + 0.01
+    torch.save(saved, ckpt)
+    other = (out / "mobilenetv3_small_baseline_s0" / "knn.json").read_text()
+    proc = study(tmp_path, SEEDS="2", JOBS="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    for result in ("knn.json", "linear.json"):
+        assert json.load(open(out / RUN / result))["ckpt_sha256"] == digest, result
+    assert (out / "mobilenetv3_small_baseline_s0" / "knn.json").read_text() == other
+    assert "steps/epoch" not in proc.stdout  # the pretraining itself was complete
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_failing_job_stops_the_study_without_a_table(finished, tmp_path, jobs):
+    shutil.copytree(finished[0], tmp_path, dirs_exist_ok=True)
+    (tmp_path / "results" / "smoke" / RUN / "knn.json").unlink()
+    (tmp_path / "runs" / "smoke" / RUN / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    proc = study(tmp_path, SEEDS="2", JOBS=jobs)
     assert proc.returncode != 0
-    assert "checkpoint" in proc.stderr
+    assert "is not a readable checkpoint" in (proc.stderr if jobs == "2" else proc.stdout)  # JOBS=1: on the terminal
+    assert "run_all.sh: the job 'run mobilenetv3_small small 0' failed" in proc.stderr
     assert not (tmp_path / "results" / "smoke" / "RESULTS.md").exists()
 
 
-def test_an_unknown_preset_is_refused(tmp_path):
+def test_an_unknown_preset_and_bad_numbers_are_refused(tmp_path):
     proc = study(tmp_path, "tiny")
     assert proc.returncode == 2 and "unknown preset 'tiny'" in proc.stderr
+    for var, value in (("SEEDS", "0"), ("JOBS", "two")):
+        proc = study(tmp_path, **{var: value})
+        assert proc.returncode == 2 and f"{var}={value} is not a number" in proc.stderr
 
 
-@pytest.mark.parametrize("batch, gpus, splits", [(128, 0, 2), (512, 1, 8), (512, 8, 1), (256, 1, 4), (256, 2, 2),
-                                                 (512, 2, 4), (64, 0, 1), (48, 0, 1)])
-def test_split_bn_keeps_groups_of_64_images_whatever_the_number_of_processes(batch, gpus, splits):
+@pytest.mark.parametrize("preset", ["demo", "fmnist", "cifar10", "imagenet", "smoke"])
+def test_no_command_of_any_preset_gives_a_flag_twice(tmp_path, preset):
+    proc = study(tmp_path, preset, DRY_RUN="1", DATA_DIR="/data", ARCHS="resnet18 efficientnet_b0", SEEDS="2")
+    assert proc.returncode == 0, proc.stderr
+    commands = [shlex.split(line) for line in proc.stdout.splitlines() if line.startswith(sys.executable)]
+    assert len(commands) == 2 * 2 * (2 * 3 + 2) + 1  # 2 seeds x 2 networks x (2 runs of 3 stages, 2 refs), pixels
+    for command in commands:
+        flags = [word for word in command if word.startswith("--")]
+        assert len(flags) == len(set(flags)), command
+
+
+def test_paired_statistics_against_a_hand_computation():
+    assert report.spread([1.0]) == "1.00" and report.spread([1.0, 2.0, 3.0]) == "2.00 ± 1.00"
+    t, beyond = report.paired([1.0, 2.0, 3.0])  # mean 2, sd 1, n 3: t = 2 / (1 / sqrt 3) = 3.46 < 4.303
+    assert t == pytest.approx(2 * 3 ** 0.5) and beyond is False
+    t, beyond = report.paired([1.0, 1.2, 0.8, 1.1])  # mean 1.025, sd 0.171: t = 12.0 > 3.182
+    assert t == pytest.approx(1.025 / (0.17078251 / 2), rel=1e-6) and beyond is True
+    assert report.paired([0.5]) == (None, None) and report.paired([0.0, 0.0]) == (0.0, False)
+
+
+@pytest.mark.parametrize("batch, per_run, splits", [(128, 1, 2), (512, 1, 8), (512, 8, 1), (256, 1, 4), (256, 2, 2),
+                                                    (512, 2, 4), (64, 1, 1), (48, 1, 1)])
+def test_split_bn_keeps_groups_of_64_images_whatever_the_number_of_processes(batch, per_run, splits):
     # run_all.sh's own bn_splits function, read from the script: per-process batch / 64, at least one group
     function = next(line for line in open(os.path.join(ROOT, "run_all.sh")) if line.startswith("bn_splits()"))
-    proc = subprocess.run(["bash", "-c", f"{function}\nGPUS={gpus}; BN_GROUP=64; bn_splits {batch}"],
+    proc = subprocess.run(["bash", "-c", f"{function}\nPER_RUN={per_run}; BN_GROUP=64; bn_splits {batch}"],
                           capture_output=True, text=True)
     assert proc.stdout.strip() == str(splits), proc.stderr
