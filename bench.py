@@ -23,6 +23,7 @@ import os
 import resource
 import statistics
 import time
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -132,11 +133,25 @@ def query_forward_backward(raw, x, autocast, optimizer):
     q.float().square().mean().backward()
 
 
+@contextmanager
+def true_fp32():
+    """fp32 that means fp32: PyTorch lets cuDNN's convolutions round to TF32 by default, which would make the fp32
+    baseline of the AMP and compile ratios a TF32 one."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
+
+
 def run_steps(train, targs, device, args, backend, parts=False):
     """Median seconds per phase over args.steps timed steps of pretrain.train_step, after args.warmup untimed ones.
     With parts=True each step is followed, on the same batch, by the query encoder's forward-backward alone and by
     an SGD step alone: timed in the same loop, so that a drifting machine affects the step and its parts alike."""
     raw, optimizer, scaler, autocast = pretrain.build(targs, device)  # the optimizer at the peak lr
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as pretrain.py: fixed shapes, the fastest kernels
     fmt = torch.channels_last if targs.channels_last else torch.contiguous_format
     raw.to(device, memory_format=fmt)
     if targs.compile:
@@ -196,7 +211,8 @@ def bench_arch(args, arch, img_size, device):
                 "fp32": ("batched", {"channels_last": False, "amp": "off"}),
                 "bf16_channels_last_compile": ("batched", {"compile": True})})
         for name, (backend, changes) in variants.items():
-            phases = run_steps(train, argparse.Namespace(**{**vars(targs), **changes}), device, args, backend)[0]
+            with true_fp32() if name == "fp32" else nullcontext():
+                phases = run_steps(train, argparse.Namespace(**{**vars(targs), **changes}), device, args, backend)[0]
             row[f"{name}_images_per_s"] = args.batch_size / (phases["augment"] + phases["step"])
         row["batched_over_torchvision"] = row["images_per_s"] / row["torchvision_images_per_s"]
         row["channels_last_speedup"] = row["images_per_s"] / row["default_format_images_per_s"]

@@ -5,6 +5,8 @@ weighted kNN (Wu et al. 2018, InstDisc), and the results files every script writ
 import hashlib
 import json
 import os
+import shutil
+import subprocess
 
 import torch
 import torch.nn.functional as F
@@ -171,7 +173,35 @@ def knn_monitor(backbone, train_data, test_data, img_size, device, k=200, t=0.1)
 # ----- devices and results files --------------------------------------------------------------------------------------
 
 def pick_device(name):
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    """--device: auto is cuda where torch can use a GPU, else the CPU, but never the CPU in silence where nvidia-smi
+    sees a GPU that torch cannot use (a driver older than the CUDA build of torch, most often)."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    unusable = gpus_torch_cannot_use()
+    if unusable:
+        raise SystemExit(unusable)
+    return torch.device("cpu")
+
+
+def gpus_torch_cannot_use():
+    """One sentence when nvidia-smi lists GPUs that torch cannot use, else None. GPUs hidden on purpose
+    (CUDA_VISIBLE_DEVICES set empty) are not complained about."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "" or torch.cuda.is_available() or not shutil.which("nvidia-smi"):
+        return None
+    try:
+        listed = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if not listed:
+        return None
+    name, _, driver = listed[0].rpartition(",")
+    return (f"nvidia-smi sees {len(listed)} GPU(s) ({name.strip()}, driver {driver.strip()}) that this torch "
+            f"{torch.__version__} (built for CUDA {torch.version.cuda}) cannot use, most likely a driver older than "
+            f"that CUDA build: install a torch build for this driver, or use the CPU on purpose with --device cpu "
+            f"(run_all.sh: CUDA_VISIBLE_DEVICES= bash run_all.sh).")
 
 
 def save_atomic(obj, path):

@@ -324,7 +324,7 @@ def start_processes(args):
     """(rank, world size, device, ddp): one process per GPU under torchrun (gloo on CPUs), else this one process."""
     if "RANK" not in os.environ:  # not started by torchrun
         return 0, 1, pick_device(args.device), False
-    use_cuda = torch.cuda.is_available() and args.device != "cpu"
+    use_cuda = pick_device(args.device).type == "cuda"
     dist.init_process_group("nccl" if use_cuda else "gloo")
     device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else "cpu")
     if use_cuda:
@@ -399,8 +399,17 @@ def prepare_model(args, ckpt, ckpt_path, device, rank, world, ddp, aug_gen):
     if args.compile:
         raw.encoder_q.compile()
         raw.encoder_k.compile()
-    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every step has the same shapes: pick the fastest kernels once
+    model = wrap_ddp(raw, device) if ddp else raw
     return raw, model, optimizer, scaler, autocast, step
+
+
+def wrap_ddp(raw, device):
+    """DDP over the MoCo model. The queue stays out of DDP's buffer broadcast at every forward (32 MB per step at
+    K 65536): every rank enqueues the same gathered keys, so the queues stay equal without it (the DDP test checks)."""
+    DDP._set_params_and_buffers_to_ignore_for_model(raw, ["queue", "queue_ptr"])
+    return DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def load_teacher(args, device):

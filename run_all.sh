@@ -91,7 +91,8 @@ if [[ ${1:-} == tests ]]; then
 fi
 
 # --- the preset: given, or chosen by the hardware ------------------------------------------------------------
-GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+# the GPUs torch can use; where nvidia-smi sees GPUs that torch cannot use, one sentence and an exit (evaluation.py)
+GPUS=$("$PY" -c "import evaluation, torch; evaluation.pick_device('auto'); print(torch.cuda.device_count())")
 NPROC=$(nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 1)
 PRESET=${1:-${PRESET:-}}
 if [[ -z $PRESET ]]; then

@@ -58,3 +58,10 @@ def test_every_network_is_timed_in_a_fresh_process_on_every_device(monkeypatch):
                         {"arch": arch, "images_per_s": 1.0})
     bench.main(["--arch", "resnet18", "mobilenetv3_small", "efficientnet_b0"])
     assert timed == ["resnet18", "mobilenetv3_small", "efficientnet_b0"]
+
+
+def test_fp32_means_fp32_and_the_settings_come_back():
+    before = torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    with bench.true_fp32():
+        assert torch.backends.cudnn.conv.fp32_precision == torch.backends.cuda.matmul.fp32_precision == "ieee"
+    assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == before

@@ -457,3 +457,23 @@ def test_a_checkpoint_with_non_finite_weights_is_refused(checkpoint, tmp_path, s
     torch.save(ckpt, path)
     with pytest.raises(SystemExit, match=f"{re.escape(str(path))} holds NaN or inf backbone weights"):
         script.main(["--ckpt", str(path), "--json", str(tmp_path / "out.json")])
+
+
+def test_a_gpu_torch_cannot_use_is_said_not_passed_over(tmp_path, monkeypatch, capsys):
+    """nvidia-smi lists a GPU, torch sees none (a driver older than torch's CUDA build): --device auto stops with
+    one sentence instead of running on the CPU in silence; the CPU stays available on purpose."""
+    if torch.cuda.is_available():
+        pytest.skip("torch can use this machine's GPU")
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'NVIDIA H200, 535.104.05'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    sentence = f"nvidia-smi sees 1 GPU(s) (NVIDIA H200, driver 535.104.05) that this torch {torch.__version__}"
+    with pytest.raises(SystemExit, match=re.escape(sentence)):
+        evaluation.pick_device("auto")
+    with pytest.raises(SystemExit, match=re.escape(sentence)):
+        knn_eval.main(["--pixels", *SMALL])
+    assert evaluation.pick_device("cpu").type == "cpu"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # hidden on purpose
+    assert evaluation.pick_device("auto").type == "cpu"

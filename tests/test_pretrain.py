@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -219,6 +220,18 @@ def test_two_process_ddp_run_keeps_ranks_identical(tmp_path):
     ranks = json.loads(result.read_text())
     assert ranks["identical"], ranks
     assert ranks["queue_ptr"] == 3 * 16 % 32  # keys of both ranks were enqueued
+
+
+def test_ddp_leaves_the_queue_out_of_its_buffer_broadcast(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = pretrain.wrap_ddp(tiny_moco(bn_splits=2), torch.device("cpu"))
+        assert model.parameters_to_ignore == {"queue", "queue_ptr"}
+        broadcast = {id(b) for b in model.modules_buffers}
+        assert id(model.module.queue) not in broadcast and id(model.module.queue_ptr) not in broadcast
+        assert id(model.module.encoder_q.backbone.features[0][1].running_mean) in broadcast  # BN statistics are
+    finally:
+        dist.destroy_process_group()
 
 
 def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
