@@ -7,6 +7,7 @@
 #   bash run_all.sh                           the demo on a CPU, the fmnist study where there is a GPU
 #   bash run_all.sh [PRESET] [DATA_DIR]       PRESET: demo, fmnist, cifar10, imagenet, smoke
 #   bash run_all.sh tests [PYTEST ARGS]       the test suite (after the same set-up); e.g. `tests -m slow`
+#   bash run_all.sh gpucheck                  on a GPU machine: the CUDA tests, short runs, throughput tables
 #   JOBS=2 bash run_all.sh                    pretrainings (each with its evaluations) at once; see "jobs" below
 #   SEEDS=3 bash run_all.sh                   every run and reference over seeds 0, 1, 2 (default: 1 seed)
 #   DRY_RUN=1 bash run_all.sh demo            print every command the study would run, run nothing
@@ -34,8 +35,8 @@ DEMO_COST="about 55 min on a 2-core CPU"  # measured: see docs/training-health.m
 SEEDS=${SEEDS:-1}
 [[ $SEEDS =~ ^[1-9][0-9]*$ ]] || { echo "SEEDS=$SEEDS is not a number of seeds (1, 2, ...)." >&2; exit 2; }
 [[ ${JOBS:-1} =~ ^[1-9][0-9]*$ ]] || { echo "JOBS=$JOBS is not a number of jobs (1, 2, ...)." >&2; exit 2; }
-if [[ -n ${1:-${PRESET:-}} && ${1:-${PRESET:-}} != @(demo|fmnist|cifar10|imagenet|smoke|tests) ]]; then
-  echo "unknown preset '${1:-$PRESET}': choose demo, fmnist, cifar10, imagenet or smoke (or tests)." >&2
+if [[ -n ${1:-${PRESET:-}} && ${1:-${PRESET:-}} != @(demo|fmnist|cifar10|imagenet|smoke|tests|gpucheck) ]]; then
+  echo "unknown preset '${1:-$PRESET}': choose demo, fmnist, cifar10, imagenet or smoke (or tests, gpucheck)." >&2
   exit 2
 fi
 
@@ -94,6 +95,57 @@ fi
 # the GPUs torch can use; where nvidia-smi sees GPUs that torch cannot use, one sentence and an exit (evaluation.py)
 GPUS=$("$PY" -c "import evaluation, torch; evaluation.pick_device('auto'); print(torch.cuda.device_count())")
 NPROC=$(nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 1)
+
+# --- gpucheck: everything a first GPU session should measure, in one unattended command -------------------------
+# Every step is bounded by its timeout (their sum: 9.3 min) and goes on after a failure; all output lands in
+# GPUCHECK_OUT (logs and JSON, no checkpoints), small enough to copy back. Sized, by estimate from CPU timings and
+# FLOP counts (not yet measured on a GPU), to take 6-8 minutes on one H100 / H200.
+if [[ ${1:-} == gpucheck ]]; then
+  if (( GPUS == 0 )); then
+    echo "run_all.sh gpucheck checks the CUDA paths and torch sees no GPU here: run it on a machine with one." >&2
+    exit 1
+  fi
+  G=${GPUCHECK_OUT:-runs/gpucheck}
+  rm -rf "$G"; mkdir -p "$G"
+  export PYTHONUNBUFFERED=1
+  failed=0
+  check() {  # check NAME SECONDS COMMAND...: output to $G/NAME.log, one line of verdict here and in $G/steps.txt
+    local name=$1 limit=$2 start=$SECONDS rc=0; shift 2
+    echo "== $name (at most ${limit} s): $*"
+    timeout "$limit" "$@" > "$G/$name.log" 2>&1 || rc=$?
+    local verdict="ok"
+    if (( rc == 124 )); then verdict="FAILED (timed out)"; elif (( rc )); then verdict="FAILED (exit $rc)"; fi
+    [[ $verdict == ok ]] || failed=1
+    printf '%-24s %-28s %4d s\n' "$name" "$verdict" $((SECONDS - start)) | tee -a "$G/steps.txt"
+  }
+  check env 15 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, \"CUDA\", torch.version.cuda,
+    \"cuDNN\", torch.backends.cudnn.version(), torch.cuda.get_device_name(), torch.cuda.get_device_capability(),
+    \"bf16\", torch.cuda.is_bf16_supported(), \"GPUs\", torch.cuda.device_count())'"
+  check cuda_tests 150 "$PY" -m pytest tests -m cuda -q -rfEs -p no:cacheprovider
+  for arch in resnet18 resnet34 mobilenetv3_large mobilenetv3_small efficientnet_b0; do  # the fmnist small recipe
+    check "pretrain_$arch" 30 "$PY" pretrain.py --arch "$arch" --small-stem --data synthetic --img-size 28 \
+      --batch-size 512 --moco-k 1024 --moco-m 0.99 --moco-t 0.1 --mlp-hidden 2048 --bn-splits 8 --symmetric \
+      --smooth 0.1 --aug small --aug-backend batched --channels-last --epochs 100 --max-steps 12 --log-every 3 \
+      --out "$G/pretrain_$arch"
+    rm -f "$G/pretrain_$arch/checkpoint.pt"
+  done
+  BENCH=(--img-size 28 --small-stem --batch-size 512 --moco-k 4096 --bn-splits 8 --warmup 3 --steps 10 --workers 8)
+  check bench_compare 120 "$PY" bench.py --arch mobilenetv3_small resnet18 "${BENCH[@]}" --json "$G/bench_compare.json"
+  check bench_eager 50 "$PY" bench.py --arch resnet34 mobilenetv3_large efficientnet_b0 "${BENCH[@]}" --no-compare \
+    --json "$G/bench_eager.json"
+  at_once() {  # N copies of one bench at the same time on the GPU: does the study gain from JOBS=N there?
+    local n=$1 arch=$2 i
+    for ((i = 0; i < n; i++)); do
+      "$PY" bench.py --arch "$arch" "${BENCH[@]}" --no-compare --json "$G/at_once_${arch}_${n}_$i.json" &
+    done
+    wait
+  }
+  check at_once 50 bash -c "$(declare -f at_once); G=$G PY=$PY; BENCH=(${BENCH[*]}); at_once 1 mobilenetv3_small &&
+    at_once 2 mobilenetv3_small && at_once 4 mobilenetv3_small"
+  check augment 20 "$PY" bench.py --aug-only --img-size 28 32 --batch-size 512 --workers 8 --json "$G/augment.json"
+  echo "gpucheck: every log and JSON in $G (steps: $G/steps.txt)"
+  exit $failed
+fi
 PRESET=${1:-${PRESET:-}}
 if [[ -z $PRESET ]]; then
   if (( GPUS )); then
