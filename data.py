@@ -586,18 +586,23 @@ class BatchedAugment:
                 "grey": coin(self.aug.p_grey), "blur": coin(self.aug.p_blur), "sigma": uniform(*BLUR_SIGMA)}
 
     def apply(self, images, params):
+        """Every step runs on the whole batch, as the identity on the images that skip it, so that no step depends on
+        how many images take it: on CUDA nothing waits for the GPU (no nonzero, no boolean mask, no .item())."""
         x = resized_crop(images, params["box"], params["flip"], self.img_size)
-        for slot in range(4):  # ColorJitter: in slot k, every jittered image applies its op order[k]
-            for op, adjust in enumerate(JITTER_OPS):
-                i = (params["jitter"] & (params["order"][:, slot] == op)).nonzero().squeeze(1)
-                x[i] = adjust(x[i], params["factors"][i, op])
-        x = torch.where(params["grey"].view(-1, 1, 1, 1), grey(x).expand_as(x), x)
-        i = params["blur"].nonzero().squeeze(1)
-        if len(i):
-            x[i] = gaussian_blur(x[i], params["sigma"][i], self.kernel_size)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        if self.aug.p_jitter:
+            for slot in range(4):  # ColorJitter: in slot k, every jittered image applies its op order[k]
+                for op, adjust in enumerate(JITTER_OPS):
+                    chosen = params["jitter"] & (params["order"][:, slot] == op)
+                    if adjust is adjust_hue:  # a hue shift of 0 is not exactly the identity: keep x
+                        x = torch.where(chosen.view(-1, 1, 1, 1), adjust_hue(x, params["factors"][:, op]), x)
+                    else:  # a blend at factor 1 leaves x, already in [0, 1], as it is
+                        x = adjust(x, torch.where(chosen, params["factors"][:, op], 1))
+        if self.aug.p_grey:
+            x = torch.where(params["grey"].view(-1, 1, 1, 1), grey(x).expand_as(x), x)
+        if self.aug.p_blur:
+            x = torch.where(params["blur"].view(-1, 1, 1, 1), gaussian_blur(x, params["sigma"], self.kernel_size), x)
+        # per channel by Python numbers: a tensor of the means made on CUDA would be a blocking copy from the host
+        return torch.stack([(c - m) / s for c, m, s in zip(x.unbind(1), self.mean, self.std)], 1)
 
 
 # --- the backend choice, made once for every caller that draws augmented views ---
