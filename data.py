@@ -499,7 +499,30 @@ def adjust_hue(x, shift):
     return low.unsqueeze(1) + chroma.unsqueeze(1) * pure
 
 
-JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # torchvision's op numbering
+BLENDS = (adjust_brightness, adjust_contrast, adjust_saturation)  # ops 0, 1, 2 in torchvision's numbering; 3 is hue
+
+
+def blend_slot(x, ops, factors, take):
+    """Where `take`, image i applies blend ops[i] by its factor; elsewhere the factor is 1, which leaves x, already
+    in [0, 1], as it is."""
+    for op, adjust in enumerate(BLENDS):
+        x = adjust(x, torch.where(take & (ops == op), factors[:, op], 1))
+    return x
+
+
+def color_jitter(x, jittered, order, factors):
+    """torchvision's ColorJitter on a batch: each jittered image applies the four ops in its own order [B, 4] with
+    its factors [B, 4] (brightness, contrast, saturation, hue shift). Every op runs on the whole batch, as the
+    identity on the images that skip it, so nothing depends on how many images take it. Hue, the costly op and the
+    one without an exact identity, runs once: between each image's blends that come before it in its order and
+    those that come after."""
+    hue_slot = order.argsort(1)[:, 3]  # where hue comes in each image's order
+    for slot in range(3):  # the blends before it
+        x = blend_slot(x, order[:, slot], factors, jittered & (slot < hue_slot))
+    x = torch.where(jittered.view(-1, 1, 1, 1), adjust_hue(x, factors[:, 3]), x)
+    for slot in range(1, 4):  # the blends after it
+        x = blend_slot(x, order[:, slot], factors, jittered & (slot > hue_slot))
+    return x
 
 
 def resized_crop(images, box, flip, size):
@@ -586,18 +609,17 @@ class BatchedAugment:
                 "grey": coin(self.aug.p_grey), "blur": coin(self.aug.p_blur), "sigma": uniform(*BLUR_SIGMA)}
 
     def apply(self, images, params):
+        """Every step runs on the whole batch, as the identity on the images that skip it, so that no step depends on
+        how many images take it: on CUDA nothing waits for the GPU (no nonzero, no boolean mask, no .item())."""
         x = resized_crop(images, params["box"], params["flip"], self.img_size)
-        for slot in range(4):  # ColorJitter: in slot k, every jittered image applies its op order[k]
-            for op, adjust in enumerate(JITTER_OPS):
-                i = (params["jitter"] & (params["order"][:, slot] == op)).nonzero().squeeze(1)
-                x[i] = adjust(x[i], params["factors"][i, op])
-        x = torch.where(params["grey"].view(-1, 1, 1, 1), grey(x).expand_as(x), x)
-        i = params["blur"].nonzero().squeeze(1)
-        if len(i):
-            x[i] = gaussian_blur(x[i], params["sigma"][i], self.kernel_size)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        if self.aug.p_jitter:
+            x = color_jitter(x, params["jitter"], params["order"], params["factors"])
+        if self.aug.p_grey:
+            x = torch.where(params["grey"].view(-1, 1, 1, 1), grey(x).expand_as(x), x)
+        if self.aug.p_blur:
+            x = torch.where(params["blur"].view(-1, 1, 1, 1), gaussian_blur(x, params["sigma"], self.kernel_size), x)
+        # per channel by Python numbers: a tensor of the means made on CUDA would be a blocking copy from the host
+        return torch.stack([(c - m) / s for c, m, s in zip(x.unbind(1), self.mean, self.std)], 1)
 
 
 # --- the backend choice, made once for every caller that draws augmented views ---

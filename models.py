@@ -356,18 +356,35 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         if x.shape[0] % self.num_splits:
             raise ValueError(f"batch of {x.shape[0]} does not split into {self.num_splits} BN groups")
-        # one plain batch_norm per group: consecutive groups are views in either memory format (channels_last
-        # included), which profiles faster on a CPU than folding the groups into the channel dimension
+        # A GPU would launch each kernel once per group and layer, so off the CPU the groups fold into one
+        # batch_norm. The CPU keeps one per group (consecutive groups are views in either memory format): a
+        # mobilenetv3_small step (28-32 px, batch 128, channels_last, 2 cores) measured 5% faster than the fold at
+        # 2 groups (the CPU demo's) and 5-9% slower at 8.
+        out, means, variances = self.per_group(x) if x.device.type == "cpu" else self.folded(x)
+        self.running_mean.copy_(means.mean(0))
+        self.running_var.copy_(variances.mean(0))
+        self.num_batches_tracked.add_(1)
+        return out
+
+    def per_group(self, x):
+        """(output, every group's updated running mean and variance [S, C]): one plain batch_norm per group."""
         outs, means, variances = [], [], []
         for group in x.chunk(self.num_splits):
             mean, var = self.running_mean.clone(), self.running_var.clone()
             outs.append(F.batch_norm(group, mean, var, self.weight, self.bias, True, self.momentum, self.eps))
             means.append(mean)
             variances.append(var)
-        self.running_mean.copy_(torch.stack(means).mean(0))
-        self.running_var.copy_(torch.stack(variances).mean(0))
-        self.num_batches_tracked.add_(1)
-        return torch.cat(outs)
+        return torch.cat(outs), torch.stack(means), torch.stack(variances)
+
+    def folded(self, x):
+        """per_group's result from one batch_norm: the groups side by side in the channel dimension (group g's
+        channel c becomes channel g * C + c of a batch of N / S samples), running statistics and affine parameters
+        repeated S times. torch.cat copies in x's memory format (channels_last stays channels_last)."""
+        s = self.num_splits
+        mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
+        out = F.batch_norm(torch.cat(x.chunk(s), 1), mean, var, self.weight.repeat(s), self.bias.repeat(s), True,
+                           self.momentum, self.eps)
+        return torch.cat(out.chunk(s, 1)), mean.view(s, -1), var.view(s, -1)
 
 
 def split_batchnorm(module, num_splits):

@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 import os
@@ -115,6 +116,43 @@ def test_split_bn_equals_separate_bn_over_the_sub_batches(layout):
     split.eval()
     assert torch.allclose(split(x), F.batch_norm(x, split.running_mean, split.running_var, split.weight,
                                                  split.bias, False, 0.0, split.eps), atol=1e-6)
+
+
+@pytest.mark.parametrize("layout, splits", [("1d", 4), ("2d", 2), ("channels_last", 8)])
+def test_split_bn_folded_equals_per_group(layout, splits, monkeypatch):
+    """The folded path (one batch_norm, used off the CPU) against the per-group loop, both through forward on the
+    CPU: output and its memory format, gradients, every buffer. Each group has its own mean, so a wrong assignment
+    of samples to groups cannot pass; the tolerance covers summation order only."""
+    torch.manual_seed(0)
+    bn = SplitBatchNorm(6, splits, momentum=0.1)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    before = {name: getattr(bn, name).clone() for name in ("running_mean", "running_var")}
+    shape = (8 * splits, 6) + (() if layout == "1d" else (5, 5))
+    group = torch.arange(splits).repeat_interleave(8).view(-1, *(1,) * (len(shape) - 1))
+    x = torch.randn(shape) * 3 + 2 * group
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    folded = copy.deepcopy(bn)
+    monkeypatch.setattr(folded, "per_group", folded.folded)  # forward takes the folded path on the CPU
+    results = []
+    for module in (bn, folded):
+        x_ = x.clone().requires_grad_()
+        out = module(x_)
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        results.append((out, x_.grad, module.weight.grad, module.bias.grad, module.state_dict()))
+    (out, *grads, state), (out_f, *grads_f, state_f) = results
+    assert out_f.stride() == out.stride() == x.stride()
+    torch.testing.assert_close(out_f, out, rtol=1e-5, atol=1e-5)
+    for g, g_f in zip(grads, grads_f):
+        torch.testing.assert_close(g_f, g, rtol=1e-4, atol=1e-5)
+    for name, value in before.items():
+        assert not torch.allclose(state[name], value)  # the statistics moved
+        torch.testing.assert_close(state_f[name], state[name], rtol=1e-5, atol=1e-6)
+    assert state_f["num_batches_tracked"].item() == state["num_batches_tracked"].item() == 1
 
 
 # ----- pretrain.py ------------------------------------------------------------------------------------------
