@@ -13,6 +13,7 @@ import torch
 import data
 import knn_eval
 import linear_eval
+import models
 import pretrain
 
 pytestmark = pytest.mark.cuda
@@ -154,3 +155,17 @@ def test_two_gpus_keep_ranks_identical(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = json.loads(result.read_text())
     assert ranks["identical"], ranks
+
+
+def test_split_bn_takes_the_folded_path_on_cuda_and_equals_the_loop():
+    torch.manual_seed(0)
+    bn = models.split_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(6)), 4)[0].cuda()
+    x = (torch.randn(16, 6, 5, 5, device="cuda") * 3 + 1).contiguous(memory_format=torch.channels_last)
+    loop, folded = bn.per_group(x), bn.folded(x)
+    for a, b in zip(loop, folded):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    calls = []
+    real = bn.folded
+    bn.folded = lambda t: calls.append(t.shape) or real(t)
+    bn(x)
+    assert calls == [x.shape]  # the training forward on CUDA went through the fold
