@@ -21,9 +21,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from PIL import Image
-from torchvision import transforms as T
 
 DATASETS = ("fashionmnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
 AUGS = ("mocov2", "strong", "small")  # pretraining presets; the aug functions also accept "linear"
@@ -167,6 +165,7 @@ def take_subset(data, subset, seed):
 
 def download(name, root):
     """Fetch a data set into root in torchvision's on-disk format; the error as a string when that fails."""
+    import torchvision  # here, not at the top: importing torchvision takes 3 s, which in-memory stages never need
     dataset = {"fashionmnist": torchvision.datasets.FashionMNIST, "cifar10": torchvision.datasets.CIFAR10,
                "cifar100": torchvision.datasets.CIFAR100, "stl10": torchvision.datasets.STL10}[name]
     try:
@@ -391,6 +390,7 @@ def blur_kernel_size(img_size):
 
 def view_transform(aug, img_size, mean, std):
     """One random view: PIL image -> normalised float tensor [3, img_size, img_size]."""
+    from torchvision import transforms as T  # imported where used, as in download()
     a = preset(aug)
     steps = [T.RandomResizedCrop(img_size, scale=a.scale, ratio=RATIO)]
     if a.jitter:
@@ -405,6 +405,7 @@ def view_transform(aug, img_size, mean, std):
 
 def eval_transform(img_size, mean, std):
     """Image files (imagefolder): ImageNet's protocol, resize to img_size / 0.875 and keep the centre."""
+    from torchvision import transforms as T  # imported where used, as in download()
     return T.Compose([T.Resize(round(img_size / 0.875)), T.CenterCrop(img_size), T.ToTensor(),
                       T.Normalize(mean, std)])
 

@@ -46,8 +46,7 @@ fi
 works() { "$1" -c "import numpy, pytest, torch, torchvision" >/dev/null 2>&1; }
 sha256() { python3 -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$1"; }
 if [[ -n ${PYTHON:-} ]]; then
-  PY=$PYTHON
-  works "$PY" || { echo "set-up: PYTHON=$PY cannot import numpy, pytest, torch and torchvision." >&2; exit 1; }
+  PY=$PYTHON  # taken as it is; the first python command below says so if it lacks a package
 else
   LOCK_SHA=$(sha256 requirements.lock)
   if [[ $(cat .venv/lock.sha256 2>/dev/null) != "$LOCK_SHA" ]]; then
@@ -93,7 +92,9 @@ fi
 
 # --- the preset: given, or chosen by the hardware ------------------------------------------------------------
 # the GPUs torch can use; where nvidia-smi sees GPUs that torch cannot use, one sentence and an exit (evaluation.py)
-GPUS=$("$PY" -c "import evaluation, torch; evaluation.pick_device('auto'); print(torch.cuda.device_count())")
+GPUS=$("$PY" -c "import numpy, torch, torchvision, evaluation; evaluation.pick_device('auto')
+print(torch.cuda.device_count())") || { echo "set-up: $PY cannot import numpy, torch and torchvision (or the" \
+  "line above says why it cannot go on)." >&2; exit 1; }
 NPROC=$(nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 1)
 
 # --- gpucheck: everything a first GPU session should measure, in one unattended command -------------------------
