@@ -1,10 +1,11 @@
-"""Backbones, projection head and the MoCo module (He et al. 2020; Chen et al. 2020 for MoCo-v2's MLP head).
+"""The MoCo module, its projection head and the backbones (He et al. 2020; Chen et al. 2020 for MoCo-v2's MLP head).
 
-Every architecture is written out here as a table of stages or blocks that can be read against its paper. A backbone
-maps images [B, 3, H, W] to pooled features [B, d]. Its parameter and buffer names equal those of torchvision's
-reference model minus the final classification Linear, so weights move both ways. small_stem=True removes the first
-two downsamplings (total stride 8 instead of 32) for 28-32 px images; ResNet loses the 7x7 conv and the max-pool,
-MobileNetV3 / EfficientNet only change strides.
+In reading order: MoCo (query encoder, momentum key encoder, queue, shuffle BN) and split BN; the projection head and
+reading a checkpoint's encoders; the backbones. Every architecture is written out as a table of stages or blocks that
+can be read against its paper. A backbone maps images [B, 3, H, W] to pooled features [B, d]. Its parameter and
+buffer names equal those of torchvision's reference model minus the final classification Linear, so weights move
+both ways. small_stem=True removes the first two downsamplings (total stride 8 instead of 32) for 28-32 px images;
+ResNet loses the 7x7 conv and the max-pool, MobileNetV3 / EfficientNet only change strides.
 """
 import copy
 import os
@@ -15,6 +16,215 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MoCo: query encoder, momentum key encoder, queue of negatives (He et al. 2020, MoCo)
+# ---------------------------------------------------------------------------------------------------------------
+
+class MoCo(nn.Module):
+    """The two encoders (each backbone + projection head), the queue of K negatives and its pointer. forward() is one
+    step's embeddings; the loss is the caller's (losses.py), so that one module serves every recipe."""
+
+    def __init__(self, arch, small_stem=False, dim=128, mlp_hidden=0, queue_size=65536, bn_splits=1,
+                 symmetric=False, head_bn=False):
+        super().__init__()
+        backbone, feat_dim = build_backbone(arch, small_stem)
+        # EfficientNet-B0 is pretrained without stochastic depth, as light-moco does (docs/fidelity.md has the
+        # measurement)
+        for block in backbone.modules():
+            if isinstance(block, InvertedResidual):
+                block.drop_prob = 0.0
+        self.symmetric = symmetric
+        self.encoder_q = nn.Sequential(OrderedDict(backbone=backbone,
+                                                   head=build_head(feat_dim, mlp_hidden or feat_dim, dim, head_bn)))
+        if bn_splits > 1:
+            split_batchnorm(self.encoder_q, bn_splits)
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        for p in self.encoder_k.parameters():
+            p.requires_grad = False
+        self.register_buffer("queue", F.normalize(torch.randn(dim, queue_size), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def momentum_update(self, m):
+        """theta_k <- m theta_k + (1 - m) theta_q (parameters only; each encoder keeps its own BN statistics)."""
+        k_params = list(self.encoder_k.parameters())
+        torch._foreach_mul_(k_params, m)
+        torch._foreach_add_(k_params, [p.detach() for p in self.encoder_q.parameters()], alpha=1 - m)
+
+    @torch.no_grad()
+    def enqueue(self, keys):
+        """Replace the oldest queue entries by `keys` [N, dim] (already gathered from all ranks), wrapping around."""
+        size = self.queue.shape[1]
+        idx = (self.queue_ptr + torch.arange(len(keys), device=keys.device)) % size
+        self.queue[:, idx] = keys.T.to(self.queue.dtype)
+        self.queue_ptr[0] = (self.queue_ptr[0] + len(keys)) % size
+
+    @torch.no_grad()
+    def key_embed(self, x):
+        """Key embeddings of x with shuffle BN: the batch is permuted (across all ranks under DDP) before the key
+        encoder and restored after, so BN statistics can't reveal which key belongs to which query."""
+        x_all = concat_all_gather(x)
+        perm = torch.randperm(len(x_all), device=x.device)
+        if is_distributed():
+            dist.broadcast(perm, src=0)  # every rank must use rank 0's permutation
+            rank = dist.get_rank()
+        else:
+            rank = 0
+        mine = perm.view(-1, len(x))[rank]  # the samples this rank encodes
+        k = F.normalize(self.encoder_k(x_all[mine]), dim=1)
+        k_all = torch.empty(len(x_all), k.shape[1], dtype=k.dtype, device=k.device)
+        k_all[perm] = concat_all_gather(k)  # undo the shuffle
+        return k_all.view(-1, len(x), k.shape[1])[rank]
+
+    def forward(self, x1, x2, m, both_queries=False):
+        """One MoCo step's embeddings: queries of x1 (and of x2 when symmetric or asked), keys of x2 (and of x1 when
+        symmetric) from the key encoder after one momentum step, and the queue of negatives as this step's loss must
+        see it. The new keys (from every rank, in rank order) then replace the oldest entries of self.queue, as in
+        MoCo's builder: the returned queue is a copy, so they are not among this step's negatives."""
+        q1 = F.normalize(self.encoder_q(x1), dim=1)
+        q2 = F.normalize(self.encoder_q(x2), dim=1) if self.symmetric or both_queries else None
+        with torch.no_grad():
+            self.momentum_update(m)
+            k2 = self.key_embed(x2)
+            k1 = self.key_embed(x1) if self.symmetric else None
+            queue = self.queue.clone()
+            self.enqueue(concat_all_gather(torch.cat([k2, k1]) if self.symmetric else k2))
+        return q1, q2, k1, k2, queue
+
+
+class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over `num_splits` equal consecutive groups of the batch in training: emulates the per-GPU BN of a
+    multi-GPU run on one device, so shuffled keys can't share statistics with their queries. Takes [N, C] (the
+    head) or [N, C, H, W] (the backbone). The running statistics move by the mean of the groups' updates. State-dict
+    keys are BatchNorm's, so weights trained with split BN load into plain BN and back."""
+
+    def __init__(self, num_features, num_splits, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.num_splits = num_splits
+
+    def _check_input_dim(self, x):
+        if x.dim() not in (2, 4):
+            raise ValueError(f"expected a 2D or 4D input, got {x.dim()}D")
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        if x.shape[0] % self.num_splits:
+            raise ValueError(f"batch of {x.shape[0]} does not split into {self.num_splits} BN groups")
+        # A GPU would launch each kernel once per group and layer, so off the CPU the groups fold into one
+        # batch_norm. The CPU keeps one per group (consecutive groups are views in either memory format): a
+        # mobilenetv3_small step (28-32 px, batch 128, channels_last, 2 cores) measured 5% faster than the fold at
+        # 2 groups (the CPU demo's) and 5-9% slower at 8.
+        out, means, variances = self.per_group(x) if x.device.type == "cpu" else self.folded(x)
+        self.running_mean.copy_(means.mean(0))
+        self.running_var.copy_(variances.mean(0))
+        self.num_batches_tracked.add_(1)
+        return out
+
+    def per_group(self, x):
+        """(output, every group's updated running mean and variance [S, C]): one plain batch_norm per group."""
+        outs, means, variances = [], [], []
+        for group in x.chunk(self.num_splits):
+            mean, var = self.running_mean.clone(), self.running_var.clone()
+            outs.append(F.batch_norm(group, mean, var, self.weight, self.bias, True, self.momentum, self.eps))
+            means.append(mean)
+            variances.append(var)
+        return torch.cat(outs), torch.stack(means), torch.stack(variances)
+
+    def folded(self, x):
+        """per_group's result from one batch_norm: the groups side by side in the channel dimension (group g's
+        channel c becomes channel g * C + c of a batch of N / S samples), running statistics and affine parameters
+        repeated S times. torch.cat copies in x's memory format (channels_last stays channels_last)."""
+        s = self.num_splits
+        mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
+        out = F.batch_norm(torch.cat(x.chunk(s), 1), mean, var, self.weight.repeat(s), self.bias.repeat(s), True,
+                           self.momentum, self.eps)
+        return torch.cat(out.chunk(s, 1)), mean.view(s, -1), var.view(s, -1)
+
+
+def split_batchnorm(module, num_splits):
+    """Replace every BatchNorm1d / BatchNorm2d in `module` by a SplitBatchNorm with the same settings and state."""
+    for name, child in module.named_children():
+        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            split = SplitBatchNorm(child.num_features, num_splits, eps=child.eps, momentum=child.momentum)
+            split.load_state_dict(child.state_dict())
+            setattr(module, name, split)
+        else:
+            split_batchnorm(child, num_splits)
+    return module
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+@torch.no_grad()
+def concat_all_gather(x):
+    """Concatenate x from all ranks along the batch (rank order); x itself on one process."""
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The projection head, and reading a checkpoint's encoders
+# ---------------------------------------------------------------------------------------------------------------
+
+def build_head(feat_dim, hidden, out_dim=128, bn=False):
+    """MoCo-v2 projection MLP: Linear(d, h) -> ReLU -> Linear(h, out_dim); with bn, a BatchNorm on the hidden
+    layer (Linear -> BN -> ReLU -> Linear, as SimCLR and MoCo v3 heads)."""
+    layers = [nn.Linear(feat_dim, hidden)] + ([nn.BatchNorm1d(hidden)] if bn else [])
+    return nn.Sequential(*layers, nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+
+
+def read_checkpoint(path, advice="pass the checkpoint.pt that pretrain.py wrote"):
+    """The dict pretrain.py saved at path, on the CPU; a missing, unreadable or foreign file is one sentence ending
+    with `advice`."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"checkpoint {path} does not exist: {advice}.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # damaged files raise many types: RuntimeError, EOFError, KeyError, UnpicklingError
+        said = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
+        raise SystemExit(f"{path} is not a readable checkpoint (corrupt or truncated?); torch.load said "
+                         f"{type(err).__name__} {said}: {advice}.") from err
+    if not isinstance(ckpt, dict) or not {"model", "args", "step"} <= ckpt.keys() or "arch" not in ckpt["args"]:
+        raise SystemExit(f"{path} is not a pretrain.py checkpoint (it needs 'model', 'args' and 'step' entries): "
+                         f"{advice}.")
+    return ckpt
+
+
+def load_pretrained(path, encoder="query"):
+    """(backbone, head, feat_dim, args) of the query ("query") or momentum ("key") encoder in a pretrain.py
+    checkpoint, on the CPU in eval mode."""
+    ckpt = read_checkpoint(path)
+    args = ckpt["args"]
+    backbone, feat_dim = build_backbone(args["arch"], args.get("small_stem", False))
+    head = build_head(feat_dim, args.get("mlp_hidden") or feat_dim, args.get("moco_dim", 128),
+                      args.get("head_bn", False))
+    prefix = {"query": "encoder_q", "key": "encoder_k"}[encoder]
+    for part, module in (("backbone", backbone), ("head", head)):
+        start = f"{prefix}.{part}."
+        weights = {k[len(start):]: v for k, v in ckpt["model"].items() if k.startswith(start)}
+        try:
+            module.load_state_dict(weights)
+        except RuntimeError as err:
+            detail = " ".join(str(err).split())[:200]
+            raise SystemExit(f"{path}: the {part} weights under '{start}' do not fit architecture '{args['arch']}' "
+                             f"(small_stem={args.get('small_stem', False)}) named in its args: {detail}") from err
+        if not all(t.isfinite().all() for t in weights.values() if t.is_floating_point()):
+            raise SystemExit(f"{path} holds NaN or inf {part} weights (its run diverged): evaluate an earlier "
+                             f"checkpoint, or pretrain again with a lower --lr.")
+    return backbone.eval(), head.eval(), feat_dim, args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backbones: each architecture as a table of its paper, read by one builder
+# ---------------------------------------------------------------------------------------------------------------
 
 # ResNet (He et al. 2016, Table 1): block expansion (1 = basic block, 4 = bottleneck), blocks in conv2_x..conv5_x.
 # The four stages have widths 64, 128, 256, 512 and strides 1, 2, 2, 2.
@@ -283,200 +493,3 @@ def build_backbone(name, small_stem=False):
             nn.init.normal_(m.weight, 0, 0.01)
             nn.init.zeros_(m.bias)
     return model, dim
-
-
-def build_head(feat_dim, hidden, out_dim=128, bn=False):
-    """MoCo-v2 projection MLP: Linear(d, h) -> ReLU -> Linear(h, out_dim); with bn, a BatchNorm on the hidden
-    layer (Linear -> BN -> ReLU -> Linear, as SimCLR and MoCo v3 heads)."""
-    layers = [nn.Linear(feat_dim, hidden)] + ([nn.BatchNorm1d(hidden)] if bn else [])
-    return nn.Sequential(*layers, nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
-
-
-def read_checkpoint(path, advice="pass the checkpoint.pt that pretrain.py wrote"):
-    """The dict pretrain.py saved at path, on the CPU; a missing, unreadable or foreign file is one sentence ending
-    with `advice`."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"checkpoint {path} does not exist: {advice}.")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # damaged files raise many types: RuntimeError, EOFError, KeyError, UnpicklingError
-        said = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
-        raise SystemExit(f"{path} is not a readable checkpoint (corrupt or truncated?); torch.load said "
-                         f"{type(err).__name__} {said}: {advice}.") from err
-    if not isinstance(ckpt, dict) or not {"model", "args", "step"} <= ckpt.keys() or "arch" not in ckpt["args"]:
-        raise SystemExit(f"{path} is not a pretrain.py checkpoint (it needs 'model', 'args' and 'step' entries): "
-                         f"{advice}.")
-    return ckpt
-
-
-def load_pretrained(path, encoder="query"):
-    """(backbone, head, feat_dim, args) of the query ("query") or momentum ("key") encoder in a pretrain.py
-    checkpoint, on the CPU in eval mode."""
-    ckpt = read_checkpoint(path)
-    args = ckpt["args"]
-    backbone, feat_dim = build_backbone(args["arch"], args.get("small_stem", False))
-    head = build_head(feat_dim, args.get("mlp_hidden") or feat_dim, args.get("moco_dim", 128),
-                      args.get("head_bn", False))
-    prefix = {"query": "encoder_q", "key": "encoder_k"}[encoder]
-    for part, module in (("backbone", backbone), ("head", head)):
-        start = f"{prefix}.{part}."
-        weights = {k[len(start):]: v for k, v in ckpt["model"].items() if k.startswith(start)}
-        try:
-            module.load_state_dict(weights)
-        except RuntimeError as err:
-            detail = " ".join(str(err).split())[:200]
-            raise SystemExit(f"{path}: the {part} weights under '{start}' do not fit architecture '{args['arch']}' "
-                             f"(small_stem={args.get('small_stem', False)}) named in its args: {detail}") from err
-        if not all(t.isfinite().all() for t in weights.values() if t.is_floating_point()):
-            raise SystemExit(f"{path} holds NaN or inf {part} weights (its run diverged): evaluate an earlier "
-                             f"checkpoint, or pretrain again with a lower --lr.")
-    return backbone.eval(), head.eval(), feat_dim, args
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# MoCo: query encoder, momentum key encoder, queue of negatives (He et al. 2020, MoCo)
-# ---------------------------------------------------------------------------------------------------------------
-
-class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm over `num_splits` equal consecutive groups of the batch in training: emulates the per-GPU BN of a
-    multi-GPU run on one device, so shuffled keys can't share statistics with their queries. Takes [N, C] (the
-    head) or [N, C, H, W] (the backbone). The running statistics move by the mean of the groups' updates. State-dict
-    keys are BatchNorm's, so weights trained with split BN load into plain BN and back."""
-
-    def __init__(self, num_features, num_splits, **kwargs):
-        super().__init__(num_features, **kwargs)
-        self.num_splits = num_splits
-
-    def _check_input_dim(self, x):
-        if x.dim() not in (2, 4):
-            raise ValueError(f"expected a 2D or 4D input, got {x.dim()}D")
-
-    def forward(self, x):
-        if not self.training:
-            return super().forward(x)
-        if x.shape[0] % self.num_splits:
-            raise ValueError(f"batch of {x.shape[0]} does not split into {self.num_splits} BN groups")
-        # A GPU would launch each kernel once per group and layer, so off the CPU the groups fold into one
-        # batch_norm. The CPU keeps one per group (consecutive groups are views in either memory format): a
-        # mobilenetv3_small step (28-32 px, batch 128, channels_last, 2 cores) measured 5% faster than the fold at
-        # 2 groups (the CPU demo's) and 5-9% slower at 8.
-        out, means, variances = self.per_group(x) if x.device.type == "cpu" else self.folded(x)
-        self.running_mean.copy_(means.mean(0))
-        self.running_var.copy_(variances.mean(0))
-        self.num_batches_tracked.add_(1)
-        return out
-
-    def per_group(self, x):
-        """(output, every group's updated running mean and variance [S, C]): one plain batch_norm per group."""
-        outs, means, variances = [], [], []
-        for group in x.chunk(self.num_splits):
-            mean, var = self.running_mean.clone(), self.running_var.clone()
-            outs.append(F.batch_norm(group, mean, var, self.weight, self.bias, True, self.momentum, self.eps))
-            means.append(mean)
-            variances.append(var)
-        return torch.cat(outs), torch.stack(means), torch.stack(variances)
-
-    def folded(self, x):
-        """per_group's result from one batch_norm: the groups side by side in the channel dimension (group g's
-        channel c becomes channel g * C + c of a batch of N / S samples), running statistics and affine parameters
-        repeated S times. torch.cat copies in x's memory format (channels_last stays channels_last)."""
-        s = self.num_splits
-        mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
-        out = F.batch_norm(torch.cat(x.chunk(s), 1), mean, var, self.weight.repeat(s), self.bias.repeat(s), True,
-                           self.momentum, self.eps)
-        return torch.cat(out.chunk(s, 1)), mean.view(s, -1), var.view(s, -1)
-
-
-def split_batchnorm(module, num_splits):
-    """Replace every BatchNorm1d / BatchNorm2d in `module` by a SplitBatchNorm with the same settings and state."""
-    for name, child in module.named_children():
-        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            split = SplitBatchNorm(child.num_features, num_splits, eps=child.eps, momentum=child.momentum)
-            split.load_state_dict(child.state_dict())
-            setattr(module, name, split)
-        else:
-            split_batchnorm(child, num_splits)
-    return module
-
-
-def is_distributed():
-    return dist.is_available() and dist.is_initialized()
-
-
-@torch.no_grad()
-def concat_all_gather(x):
-    """Concatenate x from all ranks along the batch (rank order); x itself on one process."""
-    if not is_distributed():
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-class MoCo(nn.Module):
-    def __init__(self, arch, small_stem=False, dim=128, mlp_hidden=0, queue_size=65536, bn_splits=1,
-                 symmetric=False, head_bn=False):
-        super().__init__()
-        backbone, feat_dim = build_backbone(arch, small_stem)
-        # EfficientNet-B0 is pretrained without stochastic depth, as light-moco does (the README, "Use the pretrained
-        # backbone in torchvision", has the measurement)
-        for block in backbone.modules():
-            if isinstance(block, InvertedResidual):
-                block.drop_prob = 0.0
-        self.symmetric = symmetric
-        self.encoder_q = nn.Sequential(OrderedDict(backbone=backbone,
-                                                   head=build_head(feat_dim, mlp_hidden or feat_dim, dim, head_bn)))
-        if bn_splits > 1:
-            split_batchnorm(self.encoder_q, bn_splits)
-        self.encoder_k = copy.deepcopy(self.encoder_q)
-        for p in self.encoder_k.parameters():
-            p.requires_grad = False
-        self.register_buffer("queue", F.normalize(torch.randn(dim, queue_size), dim=0))
-        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-
-    @torch.no_grad()
-    def momentum_update(self, m):
-        """theta_k <- m theta_k + (1 - m) theta_q (parameters only; each encoder keeps its own BN statistics)."""
-        k_params = list(self.encoder_k.parameters())
-        torch._foreach_mul_(k_params, m)
-        torch._foreach_add_(k_params, [p.detach() for p in self.encoder_q.parameters()], alpha=1 - m)
-
-    @torch.no_grad()
-    def enqueue(self, keys):
-        """Replace the oldest queue entries by `keys` [N, dim] (already gathered from all ranks), wrapping around."""
-        size = self.queue.shape[1]
-        idx = (self.queue_ptr + torch.arange(len(keys), device=keys.device)) % size
-        self.queue[:, idx] = keys.T.to(self.queue.dtype)
-        self.queue_ptr[0] = (self.queue_ptr[0] + len(keys)) % size
-
-    @torch.no_grad()
-    def key_embed(self, x):
-        """Key embeddings of x with shuffle BN: the batch is permuted (across all ranks under DDP) before the key
-        encoder and restored after, so BN statistics can't reveal which key belongs to which query."""
-        x_all = concat_all_gather(x)
-        perm = torch.randperm(len(x_all), device=x.device)
-        if is_distributed():
-            dist.broadcast(perm, src=0)  # every rank must use rank 0's permutation
-            rank = dist.get_rank()
-        else:
-            rank = 0
-        mine = perm.view(-1, len(x))[rank]  # the samples this rank encodes
-        k = F.normalize(self.encoder_k(x_all[mine]), dim=1)
-        k_all = torch.empty(len(x_all), k.shape[1], dtype=k.dtype, device=k.device)
-        k_all[perm] = concat_all_gather(k)  # undo the shuffle
-        return k_all.view(-1, len(x), k.shape[1])[rank]
-
-    def forward(self, x1, x2, m, both_queries=False):
-        """One MoCo step's embeddings: queries of x1 (and of x2 when symmetric or asked), keys of x2 (and of x1 when
-        symmetric) from the key encoder after one momentum step, and the queue of negatives as this step's loss must
-        see it. The new keys (from every rank, in rank order) then replace the oldest entries of self.queue, as in
-        MoCo's builder: the returned queue is a copy, so they are not among this step's negatives."""
-        q1 = F.normalize(self.encoder_q(x1), dim=1)
-        q2 = F.normalize(self.encoder_q(x2), dim=1) if self.symmetric or both_queries else None
-        with torch.no_grad():
-            self.momentum_update(m)
-            k2 = self.key_embed(x2)
-            k1 = self.key_embed(x1) if self.symmetric else None
-            queue = self.queue.clone()
-            self.enqueue(concat_all_gather(torch.cat([k2, k1]) if self.symmetric else k2))
-        return q1, q2, k1, k2, queue

@@ -6,6 +6,9 @@ Several GPUs / nodes:          torchrun --standalone --nproc_per_node=8 pretrain
 The defaults are the MoCo-v2 baseline recipe (with CIFAR's queue of 4096); run_all.sh spells out the small-model
 recipe as flags (README, "The two recipes"). OUT holds checkpoint.pt (written atomically every epoch), log.jsonl,
 and summary.json ("complete": false after a --max-steps stop). Ctrl-C prints the command that resumes the run.
+
+In reading order: the flags; the method (lr schedule, model, train_step); the run (the loop, its log and
+checkpoints); the set-up (processes, data, model, checking flags and resuming).
 """
 import argparse
 import json
@@ -96,12 +99,9 @@ def get_args(argv=None):
     return parser().parse_args(argv)
 
 
-def given_flags(argv=None):
-    """The flags on the command line: argparse fills in a default only where the namespace lacks the attribute, so
-    parsing into one whose every attribute is a marker leaves the marker exactly where no flag was given."""
-    p, unset = parser(), object()
-    parsed = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(p.parse_args(argv)), unset)))
-    return {key for key, value in vars(parsed).items() if value is not unset}
+# ---------------------------------------------------------------------------------------------------------------
+# The method: the learning-rate rule and schedule, the model, and one MoCo step
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def peak_lr(args):
@@ -113,143 +113,6 @@ def lr_at(step, total_steps, warmup_steps, base_lr):
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     return base_lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
-
-
-def read_checkpoint(path):
-    """A checkpoint this version of pretrain.py can resume (models.read_checkpoint checks the file itself)."""
-    advice = "move it away or choose another --out"
-    ckpt = models.read_checkpoint(path, advice)
-    if not {"optimizer", "scaler", "rng", "wall_s"} <= ckpt.keys():
-        raise SystemExit(f"{path} holds no training state (optimizer, RNG) to resume: {advice}.")
-    if ckpt.get("version", 1) != CHECKPOINT_VERSION:
-        raise SystemExit(f"{path} was written by another version of pretrain.py (checkpoint version "
-                         f"{ckpt.get('version', 1)}, this one writes {CHECKPOINT_VERSION}) and cannot be resumed; the "
-                         f"evaluation scripts still read it: {advice}.")
-    return ckpt
-
-
-def resume_args(args, saved, given):
-    """The checkpoint's flags, except --max-steps (this session's stopping point) and the run-control flags given on
-    the command line. Any other flag given must equal the checkpoint's; all that differ are named at once."""
-    conflicts = []
-    for key in [k for k in vars(args) if k in given - RUN_CONTROL and k in saved]:
-        value, flag = getattr(args, key), "--" + key.replace("_", "-")
-        if saved[key] != value and not (key == "img_size" and value == 0):
-            conflicts.append(f"no {flag}" if value is True else f"{flag} {saved[key]}, not {value}")
-    if conflicts:
-        raise SystemExit(f"{args.out} holds a run trained with {'; '.join(conflicts)}: leave out these flags to "
-                         f"resume it with the checkpoint's values, or choose another --out.")
-    kept = (given & RUN_CONTROL) | {"out", "resume", "max_steps"}
-    return argparse.Namespace(**{**vars(args), **saved, **{k: getattr(args, k) for k in kept}})
-
-
-def queue_advice(num_images, keys_per_step):
-    """A --moco-k to suggest: the largest power of two at most an eighth of the images (4096 for CIFAR's 50k, as
-    MoCo's CIFAR runs), if it still holds one step's keys."""
-    k = 2 ** int(math.log2(max(1, num_images // 8)))
-    if k >= keys_per_step:
-        return f"use e.g. --moco-k {k} on {num_images} images"
-    return (f"{num_images} images are too few for a queue that holds one step's {keys_per_step} keys and stays "
-            f"well below their number: use more images or a smaller --batch-size")
-
-
-def check_setup(args, num_images, world):
-    keys_per_step = args.batch_size * (2 if args.symmetric else 1)
-    problems = [
-        (args.batch_size % world, f"--batch-size {args.batch_size} is not divisible by the {world} processes"),
-        (args.batch_size > num_images, f"--batch-size {args.batch_size} exceeds the {num_images} training images"),
-        (args.moco_k >= num_images, f"--moco-k {args.moco_k} is not smaller than the {num_images} training "
-                                    f"images, so the queue would hold stale copies of each query's own image; "
-                                    + queue_advice(num_images, keys_per_step)),
-        (args.moco_k < keys_per_step, f"--moco-k {args.moco_k} is smaller than the {keys_per_step} keys "
-                                      f"enqueued per step; raise --moco-k or lower --batch-size"),
-        ((args.batch_size // world) % args.bn_splits, f"--bn-splits {args.bn_splits} does not divide the "
-                                                       f"per-process batch of {args.batch_size // world}"),
-        (args.smooth_mode == "tiered" and args.smooth_k < 3, "--smooth-mode tiered needs --smooth-k 3 or more"),
-        (args.smooth_k > args.moco_k, f"--smooth-k {args.smooth_k} exceeds the {args.moco_k} queue entries"),
-        (args.warmup_epochs >= args.epochs, f"--warmup-epochs {args.warmup_epochs:g} must be below --epochs "
-                                            f"{args.epochs}"),
-    ]
-    for failed, sentence in problems:
-        if failed:
-            raise SystemExit(sentence + ".")
-
-
-def epoch_batches(train, args, epoch, start, rank, world, device, aug_gen):
-    """The rank's (view1, view2) batches of one epoch from step `start` on, in --channels-last's memory format. The
-    image order depends only on (seed, epoch), so every rank cuts the same permutation and a resumed run sees the
-    same batches."""
-    steps = len(train) // args.batch_size
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed + epoch))
-    order = order[:steps * args.batch_size].view(steps, world, args.batch_size // world)[start:, rank]
-    loader_gen = torch.Generator().manual_seed(args.seed * 1000 + epoch * world + rank)  # the workers' seeds
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    for x1, x2, _ in data.view_batches(train, args.aug, args.img_size, order, device, backend=args.aug_backend,
-                                       gen=aug_gen, workers=args.workers, loader_gen=loader_gen):
-        yield x1.contiguous(memory_format=fmt), x2.contiguous(memory_format=fmt)
-
-
-def duration(seconds):
-    """H:MM:SS, with days in front past 24 h: 1d 01:18:36."""
-    days, rest = divmod(round(seconds), 86400)
-    return (f"{days}d " if days else "") + f"{rest // 3600:02d}:{rest // 60 % 60:02d}:{rest % 60:02d}"
-
-
-def trim_log(path, step):
-    """Keep the complete records up to the checkpoint's step: a kill between the checkpoint and the log leaves
-    records after it, a partial last line, or no log at all (a new run: step 0 keeps nothing)."""
-    kept = []
-    if step and os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    if line.endswith("\n") and json.loads(line)["step"] <= step:
-                        kept.append(line)
-                except (ValueError, KeyError, TypeError):
-                    pass  # a partial line
-    with open(path, "w") as f:
-        f.writelines(kept)
-
-
-def mean_over_ranks(sums, count):
-    """sums / count averaged over every process: the same numbers on every rank, so that a decision taken on them
-    (stop on a NaN) is taken by all ranks together instead of leaving the others waiting in the next collective."""
-    if dist.is_initialized():
-        sums = sums.clone()
-        dist.all_reduce(sums)
-        count *= dist.get_world_size()
-    return (sums / count).tolist()
-
-
-def check_finite(loss, step, out):
-    if not math.isfinite(loss):
-        raise SystemExit(f"the loss became {loss} before step {step}; stopped without saving, so the last "
-                         f"good checkpoint in {out} is kept: lower --lr, or use --amp off.")
-
-
-def check_finite_weights(model, step, out):
-    """No checkpoint with NaN or inf weights: a finite loss does not prove the update that followed it was finite.
-    Every rank checks its own copy (BN statistics differ between ranks) and all stop if any rank found one."""
-    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
-    ranks_with_bad = torch.tensor([float(bool(bad))], device=model.queue.device)
-    if dist.is_initialized():
-        dist.all_reduce(ranks_with_bad)
-    if ranks_with_bad.item():
-        found = f"{len(bad)} weight tensors ({bad[0]}, ...)" if bad else "weight tensors on another process"
-        raise SystemExit(f"{found} became NaN or inf by step {step}; stopped without saving, so the last good "
-                         f"checkpoint in {out} is kept: lower --lr, or use --amp off.")
-
-
-def rng_states(aug_gen):
-    """RNG states of every rank (shuffle BN, stochastic depth, augmentation), for an exact resume."""
-    state = {"torch": torch.get_rng_state(), "aug": aug_gen.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    if not dist.is_initialized():
-        return [state]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
 
 
 def build(args, device):
@@ -293,6 +156,11 @@ def train_step(model, x1, x2, optimizer, scaler, autocast, args, m, eps, teacher
     return loss.detach(), contrastive_accuracy(q1.detach(), k2, queue)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The run: the training loop with its log, checkpoints and summary
+# ---------------------------------------------------------------------------------------------------------------
+
+
 def main(argv=None):
     args = get_args(argv)
     try:
@@ -301,160 +169,6 @@ def main(argv=None):
         if int(os.environ.get("RANK", 0)) == 0:
             print(interrupted(args.out, argv), file=sys.stderr)
         raise SystemExit(130) from None
-
-
-def interrupted(out, argv):
-    """Ctrl-C's one sentence: where the last checkpoint is and the command that continues from it (under torchrun,
-    a torchrun command with as many processes per node)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    launcher = ["python3"]
-    if "LOCAL_WORLD_SIZE" in os.environ:
-        nodes = int(os.environ["WORLD_SIZE"]) // int(os.environ["LOCAL_WORLD_SIZE"])
-        launcher = ["torchrun", *(["--standalone"] if nodes == 1 else [f"--nnodes={nodes}", "..."]),
-                    f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"]
-    command = shlex.join([*launcher, "pretrain.py", *argv, *([] if "--resume" in argv else ["--resume"])])
-    path = os.path.join(out, "checkpoint.pt")
-    if not os.path.exists(path):
-        return f"interrupted before the first checkpoint, so nothing was saved: rerun `{command}` to start again."
-    step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
-    return f"interrupted; the last checkpoint, {path}, holds step {step}: resume with `{command}`."
-
-
-def start_processes(args):
-    """(rank, world size, device, ddp): one process per GPU under torchrun (gloo on CPUs), else this one process."""
-    if "RANK" not in os.environ:  # not started by torchrun
-        return 0, 1, pick_device(args.device), False
-    use_cuda = pick_device(args.device).type == "cuda"
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device, True
-
-
-def open_run(args, argv, master):
-    """(args, checkpoint or None): a new run directory, or with --resume the checkpoint in it and its flags."""
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise SystemExit(f"--out {args.out} is a file, not a run directory: choose another --out.")
-    writable_dir(args.out, "--out")
-    path = os.path.join(args.out, "checkpoint.pt")
-    ckpt = None
-    if os.path.exists(path):
-        if not args.resume:
-            raise SystemExit(f"{path} already exists: pass --resume to continue that run, or choose another --out.")
-        ckpt = read_checkpoint(path)
-        args = resume_args(args, ckpt["args"], given_flags(argv))
-    if master and os.path.exists(path + ".tmp"):
-        os.remove(path + ".tmp")  # a save that was killed: the checkpoint itself is the one before it
-    return args, ckpt
-
-
-def training_data(args, device, world):
-    """The pretraining images; with --aug-backend batched, in memory on the device."""
-    train = data.load_data(args.data, "pretrain", args.data_dir, args.subset, args.seed)
-    args.img_size = args.img_size or data.default_img_size(args.data)
-    check_setup(args, len(train), world)
-    args.aug_backend = data.aug_backend(train, args.aug_backend)
-    if args.aug_backend == "batched":
-        train.images = train.images.to(device)
-    return train
-
-
-def restore(ckpt, path, raw, optimizer, scaler, aug_gen, args, rank, world, device):
-    """Load a checkpoint into the model (already on its device, so that SGD's momentum buffers follow their
-    parameters there), the optimizer and the scaler. Every random stream continues exactly when the number of
-    processes and the kind of device are the checkpoint's; otherwise (a CPU and a CUDA generator's states differ in
-    kind and size) each rank's streams start afresh from (seed, rank, step), so they neither fail nor repeat the first
-    epoch's draws. Returns the checkpoint's step."""
-    try:
-        raw.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise SystemExit(f"{path} does not fit this model ({str(e).splitlines()[0]}): move it away or choose "
-                         f"another --out.")
-    scaler.load_state_dict(ckpt["scaler"])
-    step, saved = ckpt["step"], ckpt["rng"]
-    if len(saved) == world and saved[rank]["aug"].shape == aug_gen.get_state().shape:
-        torch.set_rng_state(saved[rank]["torch"])
-        aug_gen.set_state(saved[rank]["aug"])
-        if "cuda" in saved[rank] and device.type == "cuda":
-            torch.cuda.set_rng_state(saved[rank]["cuda"])
-        return step
-    fresh = hash((args.seed, rank, step)) % 2**63  # ints and tuples of ints hash alike in every Python process
-    torch.manual_seed(fresh)
-    aug_gen.manual_seed(fresh)
-    if rank == 0:
-        print(f"resuming with {world} process(es) on {device.type} a run saved by {len(saved)} with other random "
-              f"generators: the random streams (augmentation, shuffle BN) continue from fresh seeds of (--seed, rank, "
-              f"step), so the run is no longer bit-identical to an uninterrupted one.")
-    return step
-
-
-def prepare_model(args, ckpt, ckpt_path, device, rank, world, ddp, aug_gen):
-    """(raw MoCo model, the model to call (DDP under torchrun), optimizer, scaler, autocast, the step to start from):
-    built, moved to the device, restored from ckpt when resuming, compiled with --compile."""
-    raw, optimizer, scaler, autocast = build(args, device)
-    raw.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
-    step = restore(ckpt, ckpt_path, raw, optimizer, scaler, aug_gen, args, rank, world, device) if ckpt else 0
-    if args.compile:
-        raw.encoder_q.compile()
-        raw.encoder_k.compile()
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # every step has the same shapes: pick the fastest kernels once
-    model = wrap_ddp(raw, device) if ddp else raw
-    return raw, model, optimizer, scaler, autocast, step
-
-
-def wrap_ddp(raw, device):
-    """DDP over the MoCo model. The queue stays out of DDP's buffer broadcast at every forward (32 MB per step at
-    K 65536): every rank enqueues the same gathered keys, so the queues stay equal without it (the DDP test checks)."""
-    DDP._set_params_and_buffers_to_ignore_for_model(raw, ["queue", "queue_ptr"])
-    return DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def load_teacher(args, device):
-    if not args.teacher:
-        return None
-    backbone, head, _, saved = load_pretrained(args.teacher)
-    if saved.get("moco_dim", 128) != args.moco_dim:
-        raise SystemExit(f"the teacher {args.teacher} embeds in {saved['moco_dim']} dimensions, the student in "
-                         f"{args.moco_dim}: pass --moco-dim {saved['moco_dim']}.")
-    return torch.nn.Sequential(backbone, head).to(device).eval().requires_grad_(False)
-
-
-class RunFiles:
-    """What rank 0 writes to --out: log.jsonl (one JSON record per line), checkpoint.pt and summary.json. Other
-    ranks write nothing."""
-
-    def __init__(self, out, master):
-        self.master = master
-        self.log_path, self.ckpt_path = os.path.join(out, "log.jsonl"), os.path.join(out, "checkpoint.pt")
-        self.summary_path = os.path.join(out, "summary.json")
-
-    def log(self, record):
-        if self.master:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def logged(self, key):
-        with open(self.log_path) as f:
-            return [r[key] for r in map(json.loads, f) if key in r]
-
-    def save_checkpoint(self, state):
-        if self.master:
-            save_atomic(state, self.ckpt_path)
-
-    def write_summary(self, args, raw, device, world, step, total_steps, wall_s, images_per_s, knn_top1, resumed_at):
-        if not self.master:
-            return
-        peak_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        write_json({"arch": args.arch, "backbone_params": sum(p.numel() for p in raw.encoder_q.backbone.parameters()),
-                    "epochs": step * args.epochs / total_steps, "steps": step, "images_per_s": images_per_s,
-                    "peak_memory_mb": peak_mb, "wall_s": wall_s, "resumed_at_step": resumed_at,
-                    "knn_top1": knn_top1, "world_size": world, "device": str(device), "args": vars(args),
-                    "complete": step == total_steps},  # False after --max-steps: run_all.sh resumes it
-                   self.summary_path)
 
 
 def run(args, argv):
@@ -557,6 +271,310 @@ def run(args, argv):
     if master:
         print(f"done: {step} steps in {wall:.0f} s; summary in {files.summary_path}")
     return raw
+
+
+def epoch_batches(train, args, epoch, start, rank, world, device, aug_gen):
+    """The rank's (view1, view2) batches of one epoch from step `start` on, in --channels-last's memory format. The
+    image order depends only on (seed, epoch), so every rank cuts the same permutation and a resumed run sees the
+    same batches."""
+    steps = len(train) // args.batch_size
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed + epoch))
+    order = order[:steps * args.batch_size].view(steps, world, args.batch_size // world)[start:, rank]
+    loader_gen = torch.Generator().manual_seed(args.seed * 1000 + epoch * world + rank)  # the workers' seeds
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    for x1, x2, _ in data.view_batches(train, args.aug, args.img_size, order, device, backend=args.aug_backend,
+                                       gen=aug_gen, workers=args.workers, loader_gen=loader_gen):
+        yield x1.contiguous(memory_format=fmt), x2.contiguous(memory_format=fmt)
+
+
+def mean_over_ranks(sums, count):
+    """sums / count averaged over every process: the same numbers on every rank, so that a decision taken on them
+    (stop on a NaN) is taken by all ranks together instead of leaving the others waiting in the next collective."""
+    if dist.is_initialized():
+        sums = sums.clone()
+        dist.all_reduce(sums)
+        count *= dist.get_world_size()
+    return (sums / count).tolist()
+
+
+def check_finite(loss, step, out):
+    if not math.isfinite(loss):
+        raise SystemExit(f"the loss became {loss} before step {step}; stopped without saving, so the last "
+                         f"good checkpoint in {out} is kept: lower --lr, or use --amp off.")
+
+
+def check_finite_weights(model, step, out):
+    """No checkpoint with NaN or inf weights: a finite loss does not prove the update that followed it was finite.
+    Every rank checks its own copy (BN statistics differ between ranks) and all stop if any rank found one."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+    ranks_with_bad = torch.tensor([float(bool(bad))], device=model.queue.device)
+    if dist.is_initialized():
+        dist.all_reduce(ranks_with_bad)
+    if ranks_with_bad.item():
+        found = f"{len(bad)} weight tensors ({bad[0]}, ...)" if bad else "weight tensors on another process"
+        raise SystemExit(f"{found} became NaN or inf by step {step}; stopped without saving, so the last good "
+                         f"checkpoint in {out} is kept: lower --lr, or use --amp off.")
+
+
+def duration(seconds):
+    """H:MM:SS, with days in front past 24 h: 1d 01:18:36."""
+    days, rest = divmod(round(seconds), 86400)
+    return (f"{days}d " if days else "") + f"{rest // 3600:02d}:{rest // 60 % 60:02d}:{rest % 60:02d}"
+
+
+class RunFiles:
+    """What rank 0 writes to --out: log.jsonl (one JSON record per line), checkpoint.pt and summary.json. Other
+    ranks write nothing."""
+
+    def __init__(self, out, master):
+        self.master = master
+        self.log_path, self.ckpt_path = os.path.join(out, "log.jsonl"), os.path.join(out, "checkpoint.pt")
+        self.summary_path = os.path.join(out, "summary.json")
+
+    def log(self, record):
+        if self.master:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def logged(self, key):
+        with open(self.log_path) as f:
+            return [r[key] for r in map(json.loads, f) if key in r]
+
+    def save_checkpoint(self, state):
+        if self.master:
+            save_atomic(state, self.ckpt_path)
+
+    def write_summary(self, args, raw, device, world, step, total_steps, wall_s, images_per_s, knn_top1, resumed_at):
+        if not self.master:
+            return
+        peak_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        write_json({"arch": args.arch, "backbone_params": sum(p.numel() for p in raw.encoder_q.backbone.parameters()),
+                    "epochs": step * args.epochs / total_steps, "steps": step, "images_per_s": images_per_s,
+                    "peak_memory_mb": peak_mb, "wall_s": wall_s, "resumed_at_step": resumed_at,
+                    "knn_top1": knn_top1, "world_size": world, "device": str(device), "args": vars(args),
+                    "complete": step == total_steps},  # False after --max-steps: run_all.sh resumes it
+                   self.summary_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Set-up: processes, the run directory, data and model; checking flags; resuming
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def start_processes(args):
+    """(rank, world size, device, ddp): one process per GPU under torchrun (gloo on CPUs), else this one process."""
+    if "RANK" not in os.environ:  # not started by torchrun
+        return 0, 1, pick_device(args.device), False
+    use_cuda = pick_device(args.device).type == "cuda"
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device, True
+
+
+def open_run(args, argv, master):
+    """(args, checkpoint or None): a new run directory, or with --resume the checkpoint in it and its flags."""
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f"--out {args.out} is a file, not a run directory: choose another --out.")
+    writable_dir(args.out, "--out")
+    path = os.path.join(args.out, "checkpoint.pt")
+    ckpt = None
+    if os.path.exists(path):
+        if not args.resume:
+            raise SystemExit(f"{path} already exists: pass --resume to continue that run, or choose another --out.")
+        ckpt = read_checkpoint(path)
+        args = resume_args(args, ckpt["args"], given_flags(argv))
+    if master and os.path.exists(path + ".tmp"):
+        os.remove(path + ".tmp")  # a save that was killed: the checkpoint itself is the one before it
+    return args, ckpt
+
+
+def training_data(args, device, world):
+    """The pretraining images; with --aug-backend batched, in memory on the device."""
+    train = data.load_data(args.data, "pretrain", args.data_dir, args.subset, args.seed)
+    args.img_size = args.img_size or data.default_img_size(args.data)
+    check_setup(args, len(train), world)
+    args.aug_backend = data.aug_backend(train, args.aug_backend)
+    if args.aug_backend == "batched":
+        train.images = train.images.to(device)
+    return train
+
+
+def check_setup(args, num_images, world):
+    keys_per_step = args.batch_size * (2 if args.symmetric else 1)
+    problems = [
+        (args.batch_size % world, f"--batch-size {args.batch_size} is not divisible by the {world} processes"),
+        (args.batch_size > num_images, f"--batch-size {args.batch_size} exceeds the {num_images} training images"),
+        (args.moco_k >= num_images, f"--moco-k {args.moco_k} is not smaller than the {num_images} training "
+                                    f"images, so the queue would hold stale copies of each query's own image; "
+                                    + queue_advice(num_images, keys_per_step)),
+        (args.moco_k < keys_per_step, f"--moco-k {args.moco_k} is smaller than the {keys_per_step} keys "
+                                      f"enqueued per step; raise --moco-k or lower --batch-size"),
+        ((args.batch_size // world) % args.bn_splits, f"--bn-splits {args.bn_splits} does not divide the "
+                                                       f"per-process batch of {args.batch_size // world}"),
+        (args.smooth_mode == "tiered" and args.smooth_k < 3, "--smooth-mode tiered needs --smooth-k 3 or more"),
+        (args.smooth_k > args.moco_k, f"--smooth-k {args.smooth_k} exceeds the {args.moco_k} queue entries"),
+        (args.warmup_epochs >= args.epochs, f"--warmup-epochs {args.warmup_epochs:g} must be below --epochs "
+                                            f"{args.epochs}"),
+    ]
+    for failed, sentence in problems:
+        if failed:
+            raise SystemExit(sentence + ".")
+
+
+def queue_advice(num_images, keys_per_step):
+    """A --moco-k to suggest: the largest power of two at most an eighth of the images (4096 for CIFAR's 50k, as
+    MoCo's CIFAR runs), if it still holds one step's keys."""
+    k = 2 ** int(math.log2(max(1, num_images // 8)))
+    if k >= keys_per_step:
+        return f"use e.g. --moco-k {k} on {num_images} images"
+    return (f"{num_images} images are too few for a queue that holds one step's {keys_per_step} keys and stays "
+            f"well below their number: use more images or a smaller --batch-size")
+
+
+def prepare_model(args, ckpt, ckpt_path, device, rank, world, ddp, aug_gen):
+    """(raw MoCo model, the model to call (DDP under torchrun), optimizer, scaler, autocast, the step to start from):
+    built, moved to the device, restored from ckpt when resuming, compiled with --compile."""
+    raw, optimizer, scaler, autocast = build(args, device)
+    raw.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    step = restore(ckpt, ckpt_path, raw, optimizer, scaler, aug_gen, args, rank, world, device) if ckpt else 0
+    if args.compile:
+        raw.encoder_q.compile()
+        raw.encoder_k.compile()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every step has the same shapes: pick the fastest kernels once
+    model = wrap_ddp(raw, device) if ddp else raw
+    return raw, model, optimizer, scaler, autocast, step
+
+
+def wrap_ddp(raw, device):
+    """DDP over the MoCo model. The queue stays out of DDP's buffer broadcast at every forward (32 MB per step at
+    K 65536): every rank enqueues the same gathered keys, so the queues stay equal without it (the DDP test checks)."""
+    DDP._set_params_and_buffers_to_ignore_for_model(raw, ["queue", "queue_ptr"])
+    return DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def load_teacher(args, device):
+    if not args.teacher:
+        return None
+    backbone, head, _, saved = load_pretrained(args.teacher)
+    if saved.get("moco_dim", 128) != args.moco_dim:
+        raise SystemExit(f"the teacher {args.teacher} embeds in {saved['moco_dim']} dimensions, the student in "
+                         f"{args.moco_dim}: pass --moco-dim {saved['moco_dim']}.")
+    return torch.nn.Sequential(backbone, head).to(device).eval().requires_grad_(False)
+
+
+def read_checkpoint(path):
+    """A checkpoint this version of pretrain.py can resume (models.read_checkpoint checks the file itself)."""
+    advice = "move it away or choose another --out"
+    ckpt = models.read_checkpoint(path, advice)
+    if not {"optimizer", "scaler", "rng", "wall_s"} <= ckpt.keys():
+        raise SystemExit(f"{path} holds no training state (optimizer, RNG) to resume: {advice}.")
+    if ckpt.get("version", 1) != CHECKPOINT_VERSION:
+        raise SystemExit(f"{path} was written by another version of pretrain.py (checkpoint version "
+                         f"{ckpt.get('version', 1)}, this one writes {CHECKPOINT_VERSION}) and cannot be resumed; the "
+                         f"evaluation scripts still read it: {advice}.")
+    return ckpt
+
+
+def resume_args(args, saved, given):
+    """The checkpoint's flags, except --max-steps (this session's stopping point) and the run-control flags given on
+    the command line. Any other flag given must equal the checkpoint's; all that differ are named at once."""
+    conflicts = []
+    for key in [k for k in vars(args) if k in given - RUN_CONTROL and k in saved]:
+        value, flag = getattr(args, key), "--" + key.replace("_", "-")
+        if saved[key] != value and not (key == "img_size" and value == 0):
+            conflicts.append(f"no {flag}" if value is True else f"{flag} {saved[key]}, not {value}")
+    if conflicts:
+        raise SystemExit(f"{args.out} holds a run trained with {'; '.join(conflicts)}: leave out these flags to "
+                         f"resume it with the checkpoint's values, or choose another --out.")
+    kept = (given & RUN_CONTROL) | {"out", "resume", "max_steps"}
+    return argparse.Namespace(**{**vars(args), **saved, **{k: getattr(args, k) for k in kept}})
+
+
+def given_flags(argv=None):
+    """The flags on the command line: argparse fills in a default only where the namespace lacks the attribute, so
+    parsing into one whose every attribute is a marker leaves the marker exactly where no flag was given."""
+    p, unset = parser(), object()
+    parsed = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(p.parse_args(argv)), unset)))
+    return {key for key, value in vars(parsed).items() if value is not unset}
+
+
+def restore(ckpt, path, raw, optimizer, scaler, aug_gen, args, rank, world, device):
+    """Load a checkpoint into the model (already on its device, so that SGD's momentum buffers follow their
+    parameters there), the optimizer and the scaler. Every random stream continues exactly when the number of
+    processes and the kind of device are the checkpoint's; otherwise (a CPU and a CUDA generator's states differ in
+    kind and size) each rank's streams start afresh from (seed, rank, step), so they neither fail nor repeat the first
+    epoch's draws. Returns the checkpoint's step."""
+    try:
+        raw.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise SystemExit(f"{path} does not fit this model ({str(e).splitlines()[0]}): move it away or choose "
+                         f"another --out.")
+    scaler.load_state_dict(ckpt["scaler"])
+    step, saved = ckpt["step"], ckpt["rng"]
+    if len(saved) == world and saved[rank]["aug"].shape == aug_gen.get_state().shape:
+        torch.set_rng_state(saved[rank]["torch"])
+        aug_gen.set_state(saved[rank]["aug"])
+        if "cuda" in saved[rank] and device.type == "cuda":
+            torch.cuda.set_rng_state(saved[rank]["cuda"])
+        return step
+    fresh = hash((args.seed, rank, step)) % 2**63  # ints and tuples of ints hash alike in every Python process
+    torch.manual_seed(fresh)
+    aug_gen.manual_seed(fresh)
+    if rank == 0:
+        print(f"resuming with {world} process(es) on {device.type} a run saved by {len(saved)} with other random "
+              f"generators: the random streams (augmentation, shuffle BN) continue from fresh seeds of (--seed, rank, "
+              f"step), so the run is no longer bit-identical to an uninterrupted one.")
+    return step
+
+
+def rng_states(aug_gen):
+    """RNG states of every rank (shuffle BN, stochastic depth, augmentation), for an exact resume."""
+    state = {"torch": torch.get_rng_state(), "aug": aug_gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def trim_log(path, step):
+    """Keep the complete records up to the checkpoint's step: a kill between the checkpoint and the log leaves
+    records after it, a partial last line, or no log at all (a new run: step 0 keeps nothing)."""
+    kept = []
+    if step and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if line.endswith("\n") and json.loads(line)["step"] <= step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    pass  # a partial line
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def interrupted(out, argv):
+    """Ctrl-C's one sentence: where the last checkpoint is and the command that continues from it (under torchrun,
+    a torchrun command with as many processes per node)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    launcher = ["python3"]
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        nodes = int(os.environ["WORLD_SIZE"]) // int(os.environ["LOCAL_WORLD_SIZE"])
+        launcher = ["torchrun", *(["--standalone"] if nodes == 1 else [f"--nnodes={nodes}", "..."]),
+                    f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"]
+    command = shlex.join([*launcher, "pretrain.py", *argv, *([] if "--resume" in argv else ["--resume"])])
+    path = os.path.join(out, "checkpoint.pt")
+    if not os.path.exists(path):
+        return f"interrupted before the first checkpoint, so nothing was saved: rerun `{command}` to start again."
+    step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    return f"interrupted; the last checkpoint, {path}, holds step {step}: resume with `{command}`."
 
 
 if __name__ == "__main__":
