@@ -138,15 +138,22 @@ def test_an_unknown_preset_and_bad_numbers_are_refused(tmp_path):
         assert proc.returncode == 2 and f"{var}={value} is not a number" in proc.stderr
 
 
-@pytest.mark.parametrize("preset", ["demo", "fmnist", "cifar10", "imagenet", "smoke"])
-def test_no_command_of_any_preset_gives_a_flag_twice(tmp_path, preset):
-    proc = study(tmp_path, preset, DRY_RUN="1", DATA_DIR="/data", ARCHS="resnet18 efficientnet_b0", SEEDS="2")
+def test_the_presets_page_is_current_and_no_command_gives_a_flag_twice():
+    """docs/presets.md is what tools/presets.sh prints today (every preset's commands, by run_all.sh's DRY_RUN), and
+    no command in it gives a flag twice (the references once got the pretraining's --subset and the evaluation's)."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "tools/presets.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    commands = [shlex.split(line) for line in proc.stdout.splitlines() if line.startswith(sys.executable)]
-    assert len(commands) == 2 * 2 * (2 * 3 + 2) + 1  # 2 seeds x 2 networks x (2 runs of 3 stages, 2 refs), pixels
-    for command in commands:
-        flags = [word for word in command if word.startswith("--")]
-        assert len(flags) == len(set(flags)), command
+    page = proc.stdout.replace(sys.executable, ".venv/bin/python")
+    assert page == open(os.path.join(ROOT, "docs", "presets.md")).read(), "run: bash tools/presets.sh > docs/presets.md"
+    sections = page.split("\n## ")[1:]
+    assert [s.split("\n")[0] for s in sections] == ["demo", "fmnist", "cifar10", "imagenet", "smoke"]
+    for section in sections:
+        commands = [shlex.split(line) for line in section.splitlines() if line.startswith(".venv/bin/python")]
+        assert len(commands) == 2 * 3 + 2 + 1  # two runs of three stages, two references, raw pixels
+        for command in commands:
+            flags = [word for word in command if word.startswith("--")]
+            assert len(flags) == len(set(flags)), command
 
 
 def test_paired_statistics_against_a_hand_computation():
