@@ -2,7 +2,8 @@
 paper), results.csv (one row per network, recipe and seed) and results.svg (kNN per network and recipe with every
 seed against the references, and the health curves: pretext accuracy and the kNN monitor per epoch).
 
-    python3 report.py PRESET OUT_DIR SECONDS --archs ARCH [ARCH ...] --seeds N [--invocation TEXT]
+    python3 report.py PRESET OUT_DIR SECONDS --archs ARCH [ARCH ...] --seeds N [--seeds-archs ARCH ...]
+        [--invocation TEXT]
 
 Every figure over seeds is mean +- sd (sample standard deviation, n - 1) and n. Comparisons are paired by seed: a
 learned network against its own seed's random init, the small-model recipe against the baseline of the same seed;
@@ -45,9 +46,9 @@ def collect(out, archs, seeds):
     and seed, and the raw pixels' under the key "pixels"."""
     pixels = load(f"{out}/pixels/knn.json")
     refs, rows, eval_s = {"pixels": knn200(pixels)}, [], pixels["seconds"]
-    for seed in seeds:
-        for arch in archs:
-            ref, ref_bn = load(f"{out}/{arch}_random_s{seed}/knn.json"), load(f"{out}/{arch}_random_s{seed}/knn_bn.json")
+    for seed in sorted({s for arch in archs for s in seeds[arch]}):
+        for arch in [a for a in archs if seed in seeds[a]]:
+            ref, ref_bn = (load(f"{out}/{arch}_random_s{seed}/{name}.json") for name in ("knn", "knn_bn"))
             refs[arch, seed] = knn200(ref), knn200(ref_bn)
             eval_s += ref["seconds"] + ref_bn["seconds"]
             for recipe in RECIPES:
@@ -92,16 +93,17 @@ def markdown(preset, rows, refs, eval_s, seconds, invocation, archs, seeds, pixe
     pretrain_s = sum(r["pretrain_min"] * 60 for r in rows)
     machine = (torch.cuda.get_device_name() if torch.cuda.is_available()
                else f"{platform.processor() or 'CPU'}, {os.cpu_count()} cores")
-    n = len(seeds)
+    counts = sorted({len(s) for s in seeds.values()})
+    seeded = ", ".join(f"{a} {len(seeds[a])}" for a in archs) if len(counts) > 1 else f"{counts[0]} each"
     lines = [f"# run_all.sh {preset}: results", "",
-             f"`{invocation}`: {len(archs)} networks x 2 recipes x {n} seed(s) ({', '.join(map(str, seeds))}). "
+             f"`{invocation}`: {len(archs)} networks x 2 recipes; seeds per network: {seeded}. "
              f"Machine: {machine}; torch {torch.__version__}. This invocation took {seconds / 60:.1f} min; the "
              f"stages' own times sum to {(pretrain_s + eval_s) / 60:.1f} min (pretraining {pretrain_s / 60:.1f}, "
              f"evaluation {eval_s / 60:.1f}; resumed runs included).", "",
-             f"Figures over seeds are mean ± sd (n = {n}). kNN: weighted, k 200, T 0.1, on the backbone's pooled "
-             f"features, bank and queries as each run's knn.json says. References under the same "
-             f"protocol: random init = the same network untrained (its seed's initialisation); random, BN of data = "
-             f"the same, its BN statistics set to the training images'; raw pixels = the normalised images "
+             f"Figures over seeds are mean ± sd (n = the network's seeds; one seed: the value alone). kNN: weighted, "
+             f"k 200, T 0.1, on the backbone's pooled features, bank and queries as each run's knn.json says. "
+             f"References under the same protocol: random init = the same network untrained (its seed's "
+             f"initialisation); random, BN of data = the same, its BN statistics set to the training images'; raw pixels = the normalised images "
              f"themselves ({refs['pixels']:.2f}). Gain = learned minus its own seed's random init. Pretext acc: how "
              f"often the positive key beats all K queue entries, mean over the first and the last epoch; while the "
              f"lr is high it is inflated by the queue's stale keys, so read it with instance acc: the trained "
@@ -109,12 +111,13 @@ def markdown(preset, rows, refs, eval_s, seconds, invocation, archs, seeds, pixe
              f"{pixels['diagnostics']['n_images'] - 1} other images of a fixed set (as ssl-small; raw pixels: "
              f"{pixels['diagnostics']['instance_accuracy']:.1f}). Linear: {rows[0]['linear_protocol']}.", "",
              "## References", "",
-             "| network | params | kNN random init | kNN random, BN of data | kNN raw pixels |", "|---|---|---|---|---|"]
+             "| network | params | seeds | kNN random init | kNN random, BN of data | kNN raw pixels |",
+             "|---|---|---|---|---|---|"]
     for arch in archs:
-        lines.append(f"| {arch} | {sel(arch, 'small')[0]['backbone_params'] / 1e6:.2f}M | "
-                     f"{spread([refs[arch, s][0] for s in seeds])} | {spread([refs[arch, s][1] for s in seeds])} | "
-                     f"{refs['pixels']:.2f} |")
-    columns = ["network", "recipe", "epochs", "pretext acc first -> last", "instance acc", "kNN learned",
+        lines.append(f"| {arch} | {sel(arch, 'small')[0]['backbone_params'] / 1e6:.2f}M | {len(seeds[arch])} | "
+                     f"{spread([refs[arch, s][0] for s in seeds[arch]])} | "
+                     f"{spread([refs[arch, s][1] for s in seeds[arch]])} | {refs['pixels']:.2f} |")
+    columns = ["network", "recipe", "seeds", "epochs", "pretext acc first -> last", "instance acc", "kNN learned",
                "gain over random init", "minus raw pixels", "linear top-1", "alignment", "uniformity", "img/s",
                "pretrain min"]
     lines += ["", "## Pretrained networks", "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
@@ -122,8 +125,9 @@ def markdown(preset, rows, refs, eval_s, seconds, invocation, archs, seeds, pixe
         for recipe in RECIPES:
             rs = sel(arch, recipe)
             col = {k: [r[k] for r in rs] for k in rs[0] if isinstance(rs[0][k], (int, float))}
-            lines.append(f"| {arch} | {recipe} | {rs[0]['epochs']:g} | {spread(col['pretext_first'], 1)} -> "
-                         f"{spread(col['pretext_last'], 1)} | {spread(col['instance_acc'], 1)} | "
+            lines.append(f"| {arch} | {recipe} | {len(rs)} | {rs[0]['epochs']:g} | "
+                         f"{spread(col['pretext_first'], 1)} -> {spread(col['pretext_last'], 1)} | "
+                         f"{spread(col['instance_acc'], 1)} | "
                          f"{spread(col['knn200'])} | {spread(col['knn200_gain'])} | "
                          f"{spread([v - refs['pixels'] for v in col['knn200']])} | {spread(col['linear_top1'])} | "
                          f"{spread(col['alignment'], 3)} | {spread(col['uniformity'], 3)} | "
@@ -193,7 +197,7 @@ def figure(rows, refs, out, archs, seeds, path):
         log = read_log(f"{out}/{r['arch']}_{r['recipe']}_s{r['seed']}/log.jsonl")
         curves[r["arch"], r["recipe"], r["seed"]] = {key: [(x["epoch"], x[key]) for x in log if key in x]
                                                      for key in ("epoch_acc", "knn_top1")}
-    values = [r["knn200"] for r in rows] + [refs[a, s][0] for a in archs for s in seeds] + [refs["pixels"]]
+    values = [r["knn200"] for r in rows] + [refs[a, s][0] for a in archs for s in seeds[a]] + [refs["pixels"]]
     bars = Panel(60, 30, 420, 260, (0, len(archs)), limits(values, 0.15), "kNN top-1 (%), k 200",
                  "solid: small-model recipe; light: baseline", "kNN top-1 (%)")
     for i, arch in enumerate(archs):
@@ -206,7 +210,7 @@ def figure(rows, refs, out, archs, seeds, path):
             for v in knn:
                 bars.parts.append(f'<circle cx="{x0 + (bars.x(0.18) - bars.x(0)):.1f}" cy="{bars.y(v):.1f}" r="2.5" '
                                   f'fill="black"/>')
-        mean_ref = statistics.mean(refs[arch, s][0] for s in seeds)
+        mean_ref = statistics.mean(refs[arch, s][0] for s in seeds[arch])
         bars.line([(i + 0.06, mean_ref), (i + 0.94, mean_ref)], "black", width=2.5)
         bars.parts.append(f'<text x="{bars.x(i + 0.5):.1f}" y="{bars.y(bars.ylim[0]) + 14:.1f}" text-anchor="middle" '
                           f'font-size="9">{arch}</text>')
@@ -222,7 +226,7 @@ def figure(rows, refs, out, archs, seeds, path):
         for (arch, recipe, seed), c in curves.items():
             if c[key]:
                 panel.line(c[key], COLOURS[archs.index(arch) % 8], dashed=recipe == "baseline",
-                           opacity=1.0 if seed == seeds[0] else 0.45)
+                           opacity=1.0 if seed == 0 else 0.45)
         panels.append(panel)
     legend = [f'<text x="{560 + 150 * i}" y="335" fill="{COLOURS[i % 8]}" font-size="12">{arch}</text>'
               for i, arch in enumerate(archs)]
@@ -239,9 +243,10 @@ def main(argv=None):
     p.add_argument("seconds", type=int, help="how long the invocation of run_all.sh took")
     p.add_argument("--archs", nargs="+", required=True)
     p.add_argument("--seeds", type=int, default=1, help="seeds 0 .. N-1")
+    p.add_argument("--seeds-archs", nargs="*", help="the networks with every seed (default: all); the others: 0")
     p.add_argument("--invocation", default="bash run_all.sh", help="the command the table comes from")
     args = p.parse_args(argv)
-    seeds = list(range(args.seeds))
+    seeds = {arch: list(range(args.seeds)) if arch in (args.seeds_archs or args.archs) else [0] for arch in args.archs}
     rows, refs, eval_s, pixels = collect(args.out, args.archs, seeds)
     with open(f"{args.out}/results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

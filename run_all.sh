@@ -10,6 +10,7 @@
 #   bash run_all.sh gpucheck                  on a GPU machine: the CUDA tests, short runs, throughput tables
 #   JOBS=2 bash run_all.sh                    pretrainings (each with its evaluations) at once; see "jobs" below
 #   SEEDS=3 bash run_all.sh                   every run and reference over seeds 0, 1, 2 (default: 1 seed)
+#   SEEDS=3 SEEDS_ARCHS="resnet18" bash run_all.sh     seeds 1, 2 for these networks alone, seed 0 for all
 #   DRY_RUN=1 bash run_all.sh demo            print every command the study would run, run nothing
 #   PRESET=cifar10 DATA_DIR=~/data bash run_all.sh
 #   ARCHS="resnet18 mobilenetv3_small" bash run_all.sh       a subset of the networks
@@ -281,15 +282,24 @@ job_pixels() {  # raw pixels under the same kNN protocol (the same for every see
 }
 
 # --- the jobs: runs first (the longest), seed by seed; then the references -------------------------------------
+# SEEDS_ARCHS: the networks that get every seed (default: all); the others get seed 0 alone
+SEEDS_ARCHS_GIVEN=${SEEDS_ARCHS:-}
+SEEDS_ARCHS=(${SEEDS_ARCHS:-${ARCHS[*]}})
+seeded() { [[ $2 == 0 || " ${SEEDS_ARCHS[*]} " == *" $1 "* ]]; }  # seeded ARCH SEED: is this run in the study?
 LIST=()
 for seed in $(seq 0 $((SEEDS - 1))); do
-  for arch in "${ARCHS[@]}"; do LIST+=("run $arch baseline $seed" "run $arch small $seed"); done
+  for arch in "${ARCHS[@]}"; do
+    if seeded "$arch" "$seed"; then LIST+=("run $arch baseline $seed" "run $arch small $seed"); fi
+  done
 done
-for seed in $(seq 0 $((SEEDS - 1))); do for arch in "${ARCHS[@]}"; do LIST+=("refs $arch $seed"); done; done
+for seed in $(seq 0 $((SEEDS - 1))); do
+  for arch in "${ARCHS[@]}"; do if seeded "$arch" "$seed"; then LIST+=("refs $arch $seed"); fi; done
+done
 LIST+=("pixels")
 
 where=$( ((GPUS)) && echo "$GPUS GPU(s)" || echo "a CPU of $NPROC cores")
-echo "run_all.sh $PRESET: ${#ARCHS[@]} networks x 2 recipes x $SEEDS seed(s) on $where, $JOBS job(s) at once" \
+echo "run_all.sh $PRESET: ${#ARCHS[@]} networks x 2 recipes x $SEEDS seed(s)$([[ -n $SEEDS_ARCHS_GIVEN ]] &&
+      echo " (seeds past 0: ${SEEDS_ARCHS[*]})") on $where, $JOBS job(s) at once" \
      "(JOBS=N to change); results in $OUT"
 if [[ -n $DRY_RUN ]]; then
   for job in "${LIST[@]}"; do read -ra j <<< "$job"; echo "# $job"; "job_${j[0]}" "${j[@]:1}"; done
@@ -358,4 +368,5 @@ fi
 
 # --- the table: every figure as mean +- sd over the seeds, and the paired differences --------------------------
 "$PY" report.py "$PRESET" "$OUT" "$((SECONDS - START))" --archs "${ARCHS[@]}" --seeds "$SEEDS" \
-  --invocation "JOBS=$JOBS SEEDS=$SEEDS bash run_all.sh $PRESET"
+  --seeds-archs "${SEEDS_ARCHS[@]}" --invocation "JOBS=$JOBS SEEDS=$SEEDS$([[ -n ${SEEDS_ARCHS_GIVEN:-} ]] &&
+  echo " SEEDS_ARCHS=\"${SEEDS_ARCHS[*]}\"") bash run_all.sh $PRESET"
