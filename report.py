@@ -104,12 +104,13 @@ def markdown(preset, rows, refs, eval_s, seconds, invocation, archs, seeds, pixe
              f"k 200, T 0.1, on the backbone's pooled features, bank and queries as each run's knn.json says. "
              f"References under the same protocol: random init = the same network untrained (its seed's "
              f"initialisation); random, BN of data = the same, its BN statistics set to the training images'; raw "
-             f"pixels = the normalised images themselves ({refs['pixels']:.2f}). Gain = learned minus its own "
-             f"seed's random init. Pretext acc: how often the positive key beats all K queue entries, mean over "
-             f"the first and the last epoch; while the lr is high it is inflated by the queue's stale keys, so "
-             f"read it with instance acc: the trained network, frozen, ranks each image's own {pixels['diagnostics']['aug']} view above the originals of the "
-             f"{pixels['diagnostics']['n_images'] - 1} other images of a fixed set (as ssl-small; raw pixels: "
-             f"{pixels['diagnostics']['instance_accuracy']:.1f}). Linear: {rows[0]['linear_protocol']}.", "",
+             f"pixels = the normalised images themselves ({refs['pixels']:.2f}). Gain = learned minus its own seed's "
+             f"random init. Pretext acc: how often the positive key beats all K queue entries, mean over the first "
+             f"and the last epoch; while the lr is high it is inflated by the queue's stale keys, so read it with "
+             f"instance acc: the trained network, frozen, ranks each image's own {pixels['diagnostics']['aug']} view "
+             f"above the originals of the {pixels['diagnostics']['n_images'] - 1} other images of a fixed set (as "
+             f"ssl-small; raw pixels: {pixels['diagnostics']['instance_accuracy']:.1f}). Linear: "
+             f"{rows[0]['linear_protocol']}.", "",
              "## References", "",
              "| network | params | seeds | kNN random init | kNN random, BN of data | kNN raw pixels |",
              "|---|---|---|---|---|---|"]
