@@ -169,6 +169,14 @@ class Panel:
             self.parts.append(f'<line x1="{left - 4}" y1="{y:.1f}" x2="{left}" y2="{y:.1f}" stroke="#444"/>'
                               f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{v:.3g}</text>')
 
+    def xticks(self, values):
+        _, top, _, height = self.box
+        for v in values:
+            x = self.x(v)
+            self.parts.append(f'<line x1="{x:.1f}" y1="{top + height}" x2="{x:.1f}" y2="{top + height + 4}" '
+                              f'stroke="#444"/><text x="{x:.1f}" y="{top + height + 16}" text-anchor="middle">{v:g}'
+                              f'</text>')
+
     def x(self, v):
         left, _, width, _ = self.box
         return left + width * (v - self.xlim[0]) / (self.xlim[1] - self.xlim[0])
@@ -182,6 +190,11 @@ class Panel:
         dash = ' stroke-dasharray="5,3"' if dashed else ""
         self.parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="{width}" '
                           f'stroke-opacity="{opacity}"{dash}/>')
+
+    def dots(self, points, colour, opacity=1.0):
+        for a, b in points:
+            self.parts.append(f'<circle cx="{self.x(a):.1f}" cy="{self.y(b):.1f}" r="2" fill="{colour}" '
+                              f'fill-opacity="{opacity}"/>')
 
 
 def limits(values, pad=0.05):
@@ -200,7 +213,7 @@ def figure(rows, refs, out, archs, seeds, path):
                                                      for key in ("epoch_acc", "knn_top1")}
     values = [r["knn200"] for r in rows] + [refs[a, s][0] for a in archs for s in seeds[a]] + [refs["pixels"]]
     bars = Panel(60, 30, 420, 260, (0, len(archs)), limits(values, 0.15), "kNN top-1 (%), k 200",
-                 "solid: small-model recipe; light: baseline", "kNN top-1 (%)")
+                 "dark: small recipe; light: baseline; black: random init; dashed: raw pixels", "kNN top-1 (%)")
     for i, arch in enumerate(archs):
         for j, recipe in enumerate(RECIPES):
             knn = [r["knn200"] for r in rows if r["arch"] == arch and r["recipe"] == recipe]
@@ -213,8 +226,8 @@ def figure(rows, refs, out, archs, seeds, path):
                                   f'fill="black"/>')
         mean_ref = statistics.mean(refs[arch, s][0] for s in seeds[arch])
         bars.line([(i + 0.06, mean_ref), (i + 0.94, mean_ref)], "black", width=2.5)
-        bars.parts.append(f'<text x="{bars.x(i + 0.5):.1f}" y="{bars.y(bars.ylim[0]) + 14:.1f}" text-anchor="middle" '
-                          f'font-size="9">{arch}</text>')
+        bars.parts.append(f'<text x="{bars.x(i + 0.5):.1f}" y="{bars.y(bars.ylim[0]) + 14:.1f}" '
+                          f'text-anchor="middle" font-size="9">{arch}</text>')
     bars.line([(0, refs["pixels"]), (len(archs), refs["pixels"])], "#444", dashed=True)
     panels = [bars]
     for left, key, title in ((560, "epoch_acc", "pretext accuracy, epoch mean (%)"),
@@ -224,16 +237,18 @@ def figure(rows, refs, out, archs, seeds, path):
             continue
         panel = Panel(left, 30, 380, 260, limits([p[0] for p in points], 0.02), limits([p[1] for p in points]),
                       title, "epoch (solid: small-model recipe; dashed: baseline)", "%")
+        panel.xticks(sorted({p[0] for p in points}))
         for (arch, recipe, seed), c in curves.items():
             if c[key]:
-                panel.line(c[key], COLOURS[archs.index(arch) % 8], dashed=recipe == "baseline",
-                           opacity=1.0 if seed == 0 else 0.45)
+                colour, opacity = COLOURS[archs.index(arch) % 8], 1.0 if seed == 0 else 0.45
+                panel.line(c[key], colour, dashed=recipe == "baseline", opacity=opacity)
+                panel.dots(c[key], colour, opacity)
         panels.append(panel)
-    legend = [f'<text x="{560 + 150 * i}" y="335" fill="{COLOURS[i % 8]}" font-size="12">{arch}</text>'
+    legend = [f'<text x="{560 + 150 * i}" y="368" fill="{COLOURS[i % 8]}" font-size="12">{arch}</text>'
               for i, arch in enumerate(archs)]
     body = "\n".join(part for p in panels for part in p.parts) + "\n" + "\n".join(legend)
     with open(path, "w") as f:
-        f.write(f'<svg xmlns="http://www.w3.org/2000/svg" width="1420" height="350" font-family="sans-serif" '
+        f.write(f'<svg xmlns="http://www.w3.org/2000/svg" width="1420" height="380" font-family="sans-serif" '
                 f'font-size="11">\n<rect width="100%" height="100%" fill="white"/>\n{body}\n</svg>\n')
 
 
