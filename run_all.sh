@@ -328,7 +328,20 @@ if (( JOBS == 1 )); then  # one job at a time, its output on the terminal and in
 else  # JOBS slots, each job in the background with its output in its own log; a progress line per job every minute
   set -m  # every job in a process group of its own, so that stopping a job stops its whole pipeline
   PIDS=(); NAMES=(); next=0; running=0; done_jobs=0; shown=$SECONDS
-  stop_all() { for pid in "${PIDS[@]}"; do [[ -n $pid ]] && kill -INT -- "-$pid" 2>/dev/null; done; wait || true; }
+  # stop_all: Ctrl-C to every running job (pretrain.py stops cleanly); TERM after 30 s to any still running, e.g.
+  # where SIGINT is ignored (a study started in the background by a non-interactive shell, or under nohup)
+  stop_all() {
+    local pid t alive
+    for pid in "${PIDS[@]}"; do [[ -z $pid ]] || kill -INT -- "-$pid" 2>/dev/null || true; done  # (one may be gone)
+    for ((t = 0; t < 30; t++)); do
+      alive=0
+      for pid in "${PIDS[@]}"; do if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then alive=1; fi; done
+      (( alive )) || break
+      sleep 1
+    done
+    for pid in "${PIDS[@]}"; do [[ -z $pid ]] || kill -TERM -- "-$pid" 2>/dev/null || true; done
+    wait || true
+  }
   trap 'stop_all; echo "run_all.sh: interrupted; run the same command again to continue." >&2; exit 130' INT TERM
   while (( next < ${#LIST[@]} || running )); do
     for ((slot = 0; slot < JOBS; slot++)); do

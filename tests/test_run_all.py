@@ -55,7 +55,7 @@ def test_the_study_writes_one_row_per_recipe_and_seed(finished):
         acc = [[json.loads(line)["epoch_acc"] for line in open(out / f"mobilenetv3_small_{recipe}_s{s}" / "log.jsonl")
                 if "epoch_acc" in line] for s in (0, 1)]
         first = report.spread([a[0] for a in acc], 1)
-        assert f"| mobilenetv3_small | {recipe} | 1 | {first} -> " in table
+        assert f"| mobilenetv3_small | {recipe} | 2 | 1 | {first} -> " in table  # seeds 2, epochs 1
     assert "| mobilenetv3_small | 1.52M |" in table  # the references' table
     assert table.strip().splitlines()[-1] in proc.stdout  # the table is printed at the end
     assert (out / "results.svg").read_text().startswith("<svg")
@@ -124,10 +124,35 @@ def test_a_failing_job_stops_the_study_without_a_table(finished, tmp_path, jobs)
     (tmp_path / "results" / "smoke" / RUN / "knn.json").unlink()
     (tmp_path / "runs" / "smoke" / RUN / "checkpoint.pt").write_bytes(b"not a checkpoint")
     proc = study(tmp_path, SEEDS="2", JOBS=jobs)
-    assert proc.returncode != 0
-    assert "is not a readable checkpoint" in (proc.stderr if jobs == "2" else proc.stdout)  # JOBS=1: on the terminal
-    assert "run_all.sh: the job 'run mobilenetv3_small small 0' failed" in proc.stderr
+    seen = f"exit {proc.returncode}\n--- stdout:\n{proc.stdout[-2000:]}\n--- stderr:\n{proc.stderr[-2000:]}"
+    assert proc.returncode != 0, seen
+    assert "is not a readable checkpoint" in (proc.stderr if jobs == "2" else proc.stdout), seen  # JOBS=1: terminal
+    assert "run_all.sh: the job 'run mobilenetv3_small small 0' failed" in proc.stderr, seen
     assert not (tmp_path / "results" / "smoke" / "RESULTS.md").exists()
+
+
+def stop_all_script(*jobs):
+    """A bash script: run_all.sh's stop_all (as the script holds it) over these background jobs, under set -e."""
+    text = open(os.path.join(ROOT, "run_all.sh")).read()
+    start = text.index("  stop_all() {")
+    body = text[start:text.index("\n  }\n", start) + 5]
+    launch = "".join(f"( {job} ) & PIDS+=($!)\n" for job in jobs)
+    return f"set -euo pipefail\nset -m\nPIDS=()\n{launch}{body}sleep 1\nstop_all\necho stopped >&2\n"
+
+
+def test_stop_all_outlives_a_job_that_has_already_ended():
+    """A failing job stops the others; one of them may have ended a moment before (its kill then fails): the study
+    still says which job failed instead of exiting silently under set -e."""
+    proc = subprocess.run(["bash", "-c", stop_all_script("exit 0", "exec sleep 20")], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and "stopped" in proc.stderr, (proc.returncode, proc.stderr)
+
+
+def test_stop_all_ends_a_job_that_ignores_ctrl_c():
+    """Where SIGINT is ignored (a study started in the background by a non-interactive shell), TERM follows."""
+    script = stop_all_script("trap '' INT; exec sleep 300")
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0 and "stopped" in proc.stderr, (proc.returncode, proc.stderr)
 
 
 def test_an_unknown_preset_and_bad_numbers_are_refused(tmp_path):
