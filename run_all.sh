@@ -31,7 +31,7 @@
 set -euo pipefail
 shopt -s extglob
 cd "$(dirname "$0")"
-DEMO_COST="about 55 min on a 2-core CPU"  # measured: see docs/training-health.md
+DEMO_COST="about an hour on a 2-core CPU at one seed"  # measured: results/demo/RESULTS.md (README, Results)
 # what the user gave, checked before the (slow) set-up
 SEEDS=${SEEDS:-1}
 [[ $SEEDS =~ ^[1-9][0-9]*$ ]] || { echo "SEEDS=$SEEDS is not a number of seeds (1, 2, ...)." >&2; exit 2; }

@@ -291,7 +291,7 @@ def test_fashion_mnist_training_is_healthy(tmp_path):
     """The health check of the demo's recipe on real data (resnet18, the MoCo-v2 baseline, 20k Fashion-MNIST images,
     3 epochs of 156 steps at batch 128; about 2.5 min on 2 cores): the pretext accuracy rises from the first epoch to
     the last and ends far above chance, and kNN ends above the untrained network's. The old demo flags (lr 0.06 at
-    batch 128, BN groups of 16) fail it (README, "Training health")."""
+    batch 128, BN groups of 16) fail it (docs/training-health.md)."""
     out = str(tmp_path / "fmnist")
     pretrain.main(["--arch", "resnet18", "--data", "fashionmnist", "--subset", "20000", "--epochs", "3",
                    "--batch-size", "128", "--moco-k", "1024", "--moco-m", "0.99", "--moco-t", "0.2", "--mlp-hidden", "0",
