@@ -31,7 +31,7 @@
 set -euo pipefail
 shopt -s extglob
 cd "$(dirname "$0")"
-DEMO_COST="about an hour on a 2-core CPU at one seed"  # measured: results/demo/RESULTS.md (README, Results)
+DEMO_COST="about 45 min on a 2-core CPU at one seed"  # from the measured stages of results/demo: docs/performance.md
 # what the user gave, checked before the (slow) set-up
 SEEDS=${SEEDS:-1}
 [[ $SEEDS =~ ^[1-9][0-9]*$ ]] || { echo "SEEDS=$SEEDS is not a number of seeds (1, 2, ...)." >&2; exit 2; }
@@ -158,8 +158,8 @@ if [[ -z $PRESET ]]; then
   else
     PRESET=demo
     echo "run_all.sh: no preset given and no GPU found, so the CPU demo: 5 networks x 2 recipes on 20k" \
-         "Fashion-MNIST images at 28 px, then kNN and linear evaluation; $DEMO_COST (measured). Another preset:" \
-         "bash run_all.sh fmnist|cifar10|imagenet|smoke (the first three are sized for GPUs)."
+         "Fashion-MNIST images at 28 px, then kNN and linear evaluation; $DEMO_COST (docs/performance.md)." \
+         "Another preset: bash run_all.sh fmnist|cifar10|imagenet|smoke (the first three are sized for GPUs)."
   fi
 fi
 DATA_DIR=${2:-${DATA_DIR:-}}
