@@ -12,29 +12,35 @@ cd "$(dirname "$0")/.."
 ARCHS=(${ARCHS:-resnet18 mobilenetv3_small})
 STEPS=${STEPS:-120}
 NPROC=$(nproc)
+HALF=$((NPROC / 2 > 1 ? NPROC / 2 : 1))  # each of two jobs' threads, as run_all.sh's job_env divides them
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 rate() { python3 -c 'import json, sys; print(round(json.load(open(sys.argv[1]))["images_per_s"]))' "$1/summary.json"; }
-# the demo's pretraining command for ARCH, as run_all.sh would run it, with its --out and --resume taken off
+# the demo's pretraining command for ARCH, as run_all.sh would run it, with its --seed, --out and --resume taken off
 command_for() {
   local all; all=$(DRY_RUN=1 ARCHS=$1 JOBS=1 bash run_all.sh demo)  # whole, then one line: no early-closed pipe
-  grep -m1 ' pretrain.py ' <<< "$all" | sed 's/ --out .*//'
+  grep -m1 ' pretrain.py ' <<< "$all" | sed 's/ --seed .*//'
 }
+# failed LOG...: a pretraining failed; its output is about to go with $tmp, so show its end, and stop
+failed() { echo "probe_jobs.sh: a pretraining failed; the end of its output:" >&2; tail -n 15 "$@" >&2; exit 1; }
 echo "CPU: $(lscpu | sed -n 's/^Model name: *//p'), $NPROC cores; $STEPS steps of the demo's baseline pretraining"
 echo
-echo "| network | JOBS=1: img/s ($NPROC threads) | wall s | JOBS=2: img/s, sum of two ($((NPROC / 2 > 1 ? NPROC / 2 : 1)) thread(s) each) | wall s | JOBS=2 / JOBS=1 |"
+echo "| network | JOBS=1: img/s ($NPROC threads) | wall s | JOBS=2: img/s, sum of two ($HALF thread(s) each) | wall s | JOBS=2 / JOBS=1 |"
 echo "|---|---|---|---|---|---|"
 for arch in "${ARCHS[@]}"; do
   cmd=$(command_for "$arch")
   start=$SECONDS
-  OMP_NUM_THREADS=$NPROC eval "$cmd --seed 0 --knn-every 0 --max-steps $STEPS --out $tmp/one_$arch" > "$tmp/one.log" 2>&1
+  OMP_NUM_THREADS=$NPROC eval "$cmd --seed 0 --knn-every 0 --max-steps $STEPS --out $tmp/one_$arch" \
+    > "$tmp/one.log" 2>&1 || failed "$tmp/one.log"
   one_wall=$((SECONDS - start)); one=$(rate "$tmp/one_$arch")
   start=$SECONDS
+  pids=()
   for seed in 0 1; do
-    OMP_NUM_THREADS=$((NPROC / 2 > 1 ? NPROC / 2 : 1)) eval "$cmd --seed $seed --knn-every 0 --max-steps $STEPS \
-      --out $tmp/two_${arch}_$seed" > "$tmp/two_$seed.log" 2>&1 &
+    OMP_NUM_THREADS=$HALF eval "$cmd --seed $seed --knn-every 0 --max-steps $STEPS --out $tmp/two_${arch}_$seed" \
+      > "$tmp/two_$seed.log" 2>&1 &
+    pids+=($!)
   done
-  wait
+  for seed in 0 1; do wait "${pids[seed]}" || failed "$tmp/two_$seed.log"; done
   two_wall=$((SECONDS - start)); a=$(rate "$tmp/two_${arch}_0"); b=$(rate "$tmp/two_${arch}_1")
   python3 -c "import sys; arch, one, ow, a, b, tw = sys.argv[1:]; one, a, b = int(one), int(a), int(b)
 print(f'| {arch} | {one} | {ow} | {a + b} ({a} + {b}) | {tw} | {(a + b) / one:.2f}x, wall {2 * int(ow) / int(tw):.2f}x |')" \
