@@ -13,7 +13,9 @@ import math
 import os
 import pickle
 import re
+import shutil
 import struct
+import sys
 import zlib
 from collections import namedtuple
 from dataclasses import dataclass, replace
@@ -61,8 +63,25 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".t
 
 # --- command-line flags, shared by the scripts ---
 
+def interpreter():
+    """How to start the Python that is running, in a command this project prints: its path relative to the working
+    directory when it lies below it (the project's .venv/bin/python), "python3" when that is the one on the PATH,
+    else its full path. Never a bare python3 that may lack torch."""
+    here = os.path.relpath(sys.executable)
+    if not here.startswith(os.pardir):
+        return here
+    on_path = shutil.which("python3")
+    if on_path and os.path.dirname(os.path.abspath(on_path)) == os.path.dirname(os.path.abspath(sys.executable)):
+        return "python3"
+    return sys.executable
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help keeps a script's docstring as written and shows every flag's default."""
+    """--help keeps a script's docstring as written, its example commands started by the interpreter that is running
+    (interpreter()), and shows every flag's default."""
+
+    def _fill_text(self, text, width, indent):
+        return super()._fill_text(text.replace("python3 ", interpreter() + " "), width, indent)
 
 
 def int_flag(low, high):
@@ -154,10 +173,14 @@ def take_subset(data, subset, seed):
     n = int(match[1])
     if match[2] is None:
         keep = torch.arange(min(n, len(data)))
+        short = n > len(data)
     else:
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
         chosen = [order[data.labels[order] == c][:n] for c in data.labels.unique()]
         keep = torch.cat(chosen).sort().values
+        short = any(len(c) < n for c in chosen)
+    if short:  # said, not silently cut: the image count used is what every results file records
+        print(f"--subset {subset}: {data.name} has fewer images than that, so {len(keep)} are used.", file=sys.stderr)
     return replace(data, labels=data.labels[keep],
                    images=None if data.images is None else data.images[keep],
                    paths=None if data.paths is None else [data.paths[i] for i in keep.tolist()])

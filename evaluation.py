@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,9 @@ def add_model_flags(p):
     a("--pixels", action="store_true", help="evaluate the pixels themselves (the evaluation transform's output, "
                                             "flattened): the raw-pixel reference")
     a("--encoder", default="query", choices=("query", "key"), help="the checkpoint's query or momentum encoder")
+    a("--precise-bn", "--reestimate-bn", action="store_true",
+      help="first set the BN running statistics to those of the training images under the evaluation transform "
+           "(precise BN; with --random-init: the 'BN of data' reference); no weight changes")
     a("--small-stem", action="store_true", help="stem for 28-64 px inputs; read from the checkpoint")
     a("--data", choices=DATASETS, help="default: the checkpoint's (another one is a transfer evaluation), else "
                                        "fashionmnist")
@@ -53,8 +57,8 @@ def load_model(args):
     if not args.ckpt:
         if args.random_init and args.arch is None:
             raise SystemExit("--random-init needs --arch NAME: the architecture to initialise.")
-        if args.pixels and (args.arch or args.small_stem):
-            raise SystemExit("--pixels evaluates the images themselves: drop --arch and --small-stem.")
+        if args.pixels and (args.arch or args.small_stem or args.precise_bn):
+            raise SystemExit("--pixels evaluates the images themselves: drop --arch, --small-stem and --precise-bn.")
         if args.encoder != "query":
             raise SystemExit("--encoder key needs a --ckpt: a random initialisation or the pixels have a single "
                              "encoder.")
@@ -107,7 +111,8 @@ def settings(args, device, dim, num_classes):
             "random_init": args.random_init, "pixels": args.pixels, "encoder": args.encoder,
             "small_stem": args.small_stem, "img_size": args.img_size, "data": args.data,
             "pretrain_data": args.pretrain_data, "subset": args.subset, "test_subset": args.test_subset,
-            "seed": args.seed, "feat_dim": dim, "num_classes": num_classes, "device": str(device)}
+            "seed": args.seed, "feat_dim": dim, "num_classes": num_classes, "device": str(device),
+            "precise_bn": args.precise_bn, "bn_initial_fraction": args.bn_initial_fraction}
 
 
 # ----- features and the weighted kNN ----------------------------------------------------------------------------------
@@ -161,6 +166,62 @@ def topk_accuracy(scores, labels):
     return 100 * hit[:, 0].sum().item() / len(labels), top5
 
 
+# ----- BN running statistics: what is left of their initial values, and precise BN -----------------------------------
+
+# A checkpoint whose BN running statistics still hold more than this fraction of their initial values (mean 0,
+# variance 1) is evaluated with statistics that are not its data's: the evaluation scripts say so.
+STALE_BN = 0.1
+
+
+def batch_norms(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def bn_initial_fraction(model):
+    """(fraction, updates, momentum) of the BN layer whose running statistics hold the most of their initial values
+    (mean 0, variance 1): after n updates of an exponential average with momentum m, (1 - m)^n; a cumulative average
+    (momentum None) holds none once updated. None for a model without BN (raw pixels)."""
+    layers = [((1 - m.momentum) ** n if m.momentum is not None else float(n == 0), n, m.momentum)
+              for m in batch_norms(model) for n in [int(m.num_batches_tracked)]]
+    return max(layers, key=lambda layer: layer[0], default=None)
+
+
+@torch.no_grad()
+def precise_bn(model, data, img_size, batch_size=256, device="cpu", workers=0):
+    """Precise BN (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm"): every BN layer's running statistics set to
+    the average of its batch statistics over data's images under the evaluation transform, the rest of the network
+    in eval mode (EfficientNet's stochastic depth off); no weight changes. Returns the model in eval mode."""
+    norms = batch_norms(model)
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches
+        m.train()
+    for x, _ in eval_loader(data, img_size, batch_size, workers, device):
+        model(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return model.eval()
+
+
+def evaluated_bn(args, model, train, device):
+    """The BN statistics an evaluation uses: with --precise-bn, those of the training images; otherwise the model's
+    own, and one warning line when a checkpoint's are still mostly their initial values (a run of a few steps, or a
+    BN momentum of 0.01 as MobileNetV3's: its features are then not the trained network's). Records the checkpoint's
+    own fraction in args.bn_initial_fraction."""
+    stale = bn_initial_fraction(model)
+    args.bn_initial_fraction = None if stale is None else stale[0]
+    if args.precise_bn:
+        precise_bn(model, train, args.img_size, args.batch_size, device, args.workers)
+    elif args.ckpt and stale and stale[0] > STALE_BN:
+        fraction, updates, momentum = stale
+        print(f"warning: the BN running statistics of {args.ckpt} still hold {fraction:.0%} of their initial values "
+              f"(mean 0, variance 1) after {updates} updates at momentum {momentum:g}, so these features are not the "
+              f"trained network's (a short run can evaluate near chance): add --precise-bn to re-estimate them on "
+              f"the training images.", file=sys.stderr)
+
+
 def knn_monitor(backbone, train_data, test_data, img_size, device, k=200, t=0.1):
     """Weighted-kNN top-1 % of test_data against a bank of train_data (pretrain.py's monitor)."""
     bank, bank_labels = extract_features(backbone, train_data, img_size, device=device)
@@ -174,9 +235,21 @@ def knn_monitor(backbone, train_data, test_data, img_size, device, k=200, t=0.1)
 
 def pick_device(name):
     """--device: auto is cuda where torch can use a GPU, else the CPU, but never the CPU in silence where nvidia-smi
-    sees a GPU that torch cannot use (a driver older than the CUDA build of torch, most often)."""
+    sees a GPU that torch cannot use (a driver older than the CUDA build of torch, most often). A device that is not
+    there, or not a device, is one sentence."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise SystemExit(f"--device {name} is not a device this project runs on: use auto, cpu, cuda or cuda:N.")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(gpus_torch_cannot_use() or f"--device {name} asks for a GPU, and torch "
+                             f"{torch.__version__} sees none on this machine: use --device cpu (or auto).")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise SystemExit(f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s) here, numbered from 0.")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     unusable = gpus_torch_cannot_use()

@@ -2,9 +2,9 @@
 (weighted kNN: Wu et al. 2018, InstDisc; alignment and uniformity: Wang & Isola 2020; the diagnostics as the
 AAAI'22 paper's code, WOWNICE/ssl-small, measures them).
 
-    python knn_eval.py --ckpt runs/mnv3s/checkpoint.pt --subset 10000 --k 20 200 --sweep --diagnostics --json OUT
-    python knn_eval.py --arch mobilenetv3_small --random-init --data fashionmnist --subset 10000 --json OUT
-    python knn_eval.py --pixels --data fashionmnist --subset 10000 --json OUT       # the raw-pixel reference
+    python3 knn_eval.py --ckpt runs/mnv3s/checkpoint.pt --subset 10000 --k 20 200 --sweep --diagnostics --json OUT
+    python3 knn_eval.py --arch mobilenetv3_small --random-init --data fashionmnist --subset 10000 --json OUT
+    python3 knn_eval.py --pixels --data fashionmnist --subset 10000 --json OUT       # the raw-pixel reference
 
 Features are the pooled backbone output of the query encoder (--encoder key, --features head for the projection
 output) under the evaluation transform. The bank is the training split (--subset), the queries the test split
@@ -13,15 +13,17 @@ error, while another --data is allowed (transfer evaluation) and reported.
 """
 import argparse
 import math
+import os
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
 import data
-from data import eval_loader, exit_on_unreadable_image, load_data, view_batches
-from evaluation import (add_model_flags, check_json_output, extract_features, knn_predict, load_model, nearest,
-                        pick_device, settings, topk_accuracy, write_json)
+from data import eval_resize, exit_on_unreadable_image, load_data, pil_image, view_batches
+from evaluation import (add_model_flags, check_json_output, evaluated_bn, extract_features, knn_predict, load_model,
+                        nearest, pick_device, settings, topk_accuracy, write_json)
 
 BEST_NN_KS = tuple(range(1, 102, 2))
 
@@ -97,26 +99,7 @@ def instance_accuracy(originals, views, chunk=1024):
     return 100 * hits / n
 
 
-# ----- BN statistics of the data, and the diagnostics ------------------------------------------------------------
-
-
-@torch.no_grad()
-def reestimate_bn(model, data, img_size, batch_size=256, device="cpu", workers=0):
-    """Set every BatchNorm layer's running statistics to the average of its batch statistics over data's images under
-    the evaluation transform, the rest of the network in eval mode; no weight changes. Returns the model in eval
-    mode."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    model.eval()  # everything but BN as in evaluation (EfficientNet's stochastic depth off)
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the batches
-        m.train()
-    for x, _ in eval_loader(data, img_size, batch_size, workers, device):
-        model(x)
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    return model.eval()
+# ----- the diagnostics ----------------------------------------------------------------------------------------
 
 
 VIEW_CHUNK = 256  # views are drawn for this many images at a time, whatever --batch-size
@@ -163,6 +146,64 @@ def diagnostics(model, data_name, data_dir, per_class, img_size, batch_size, dev
             "instance_accuracy": instance_accuracy(originals, view1, chunk)}
 
 
+# ----- the nearest neighbours of fixed queries, as a picture --------------------------------------------------------
+
+NEIGHBOUR_QUERIES_PER_CLASS, NEIGHBOURS_SHOWN = 2, 8
+
+
+def neighbour_queries(labels, num_classes, per_class=NEIGHBOUR_QUERIES_PER_CLASS):
+    """The picture's queries: the first `per_class` test images of each class, class by class in data-set order. They
+    depend on the test labels alone, so every checkpoint, seed and reference shows the same images in the same
+    order."""
+    return [i for c in range(num_classes) for i in (labels == c).nonzero().flatten()[:per_class].tolist()]
+
+
+def thumbnails(data, indices, img_size):
+    """The images themselves (not normalised), [N, 3, img_size, img_size] in [0, 1], as the evaluation sees them."""
+    if data.images is not None:
+        return eval_resize(data.images[indices], img_size)
+    from torchvision import transforms as T  # image files only
+    show = T.Compose([T.Resize(round(img_size / 0.875)), T.CenterCrop(img_size), T.ToTensor()])
+    return torch.stack([show(pil_image(data, i)) for i in indices])
+
+
+def framed(images, colours, width=2):
+    """Each image inside a frame of its colour (RGB in [0, 1])."""
+    n, c, h, w = images.shape
+    out = torch.tensor(colours, dtype=images.dtype).view(n, c, 1, 1).expand(n, c, h + 2 * width, w + 2 * width)
+    out = out.clone()
+    out[:, :, width:width + h, width:width + w] = images
+    return out
+
+
+QUERY_FRAME, SAME_CLASS, OTHER_CLASS = (0.2, 0.2, 0.2), (0.0, 0.6, 0.0), (0.85, 0.0, 0.0)
+
+
+def neighbours_picture(path, caption, queries, neighbours, test, train, img_size):
+    """A grid, one row per query: the query (dark frame), then its nearest training images, nearest first, each
+    framed green when it has the query's class and red when not; the caption's lines above. Saved as a PNG of at
+    most 64 colours (a few tens of KB). Returns the fraction of neighbours with the query's class."""
+    from PIL import Image, ImageDraw
+    from torchvision.utils import make_grid  # imported where used, as data.py does
+    same = train.labels[neighbours] == test.labels[queries].view(-1, 1)  # [queries, shown]
+    rows = []
+    for query, row, marks in zip(queries, neighbours, same):
+        colours = [QUERY_FRAME] + [SAME_CLASS if m else OTHER_CLASS for m in marks.tolist()]
+        images = torch.cat([thumbnails(test, [query], img_size), thumbnails(train, row.tolist(), img_size)])
+        rows.append(framed(images, colours))
+    grid = make_grid(torch.cat(rows), nrow=1 + neighbours.shape[1], padding=2, pad_value=1.0)
+    picture = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+    top = 12 * len(caption) + 4
+    canvas = Image.new("RGB", (picture.width, picture.height + top), "white")
+    canvas.paste(picture, (0, top))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(caption):
+        draw.text((2, 2 + 12 * i), line, fill=(0, 0, 0))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    canvas.quantize(colors=64).save(path, optimize=True)
+    return same.float().mean().item()
+
+
 # ----- the script -------------------------------------------------------------------------------------------------
 
 def get_args(argv=None):
@@ -181,47 +222,45 @@ def get_args(argv=None):
     a("--diagnostics", action="store_true", help="ssl-small's alignment, uniformity, intra-class alignment and "
                                                   "instance accuracy on fixed images and MoCo-v2 views")
     a("--diag-per-class", type=count(2, 10**6), default=50, help="training images per class for the diagnostics")
-    a("--reestimate-bn", action="store_true", help="with --random-init: first set the BN running statistics to "
-                                                   "those of the training images (no learning)")
+    a("--neighbours", default=None, metavar="FILE.png",
+      help="draw the nearest training images of fixed test queries (the first two of each class) under these "
+           "features, each marked as of the query's class (green) or not (red)")
     a("--chunk", type=count(1, 2**24), default=1024, help="query rows of the similarity matrix held at a time")
     a("--json", default=None, help="write the results here")
-    args = p.parse_args(argv)
-    if args.reestimate_bn and not args.random_init:
-        raise SystemExit("--reestimate-bn is a reference for --random-init; a checkpoint keeps its own statistics.")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv=None):
     args = get_args(argv)
     if args.json:
         check_json_output(args.json, ckpt=args.ckpt)
+    device = pick_device(args.device)
     start = time.time()
     backbone, head, dim = load_model(args)
     if args.features == "head" and head is None:
         raise SystemExit("--features head needs a --ckpt: a random initialisation or the pixels have no trained "
                          "projection head.")
     model = backbone if args.features == "backbone" else torch.nn.Sequential(backbone, head)
-    device = pick_device(args.device)
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     train = load_data(args.data, "train", args.data_dir, args.subset, args.seed)
     test = load_data(args.data, "test", args.data_dir, args.test_subset, args.seed)
-    if args.reestimate_bn:
-        reestimate_bn(model, train, args.img_size, args.batch_size, device, args.workers)
+    evaluated_bn(args, model, train, device)
     bank, bank_labels = (t.to(device) for t in extract_features(model, train, args.img_size, args.batch_size, device,
                                                                  args.workers))
     query, labels = (t.to(device) for t in extract_features(model, test, args.img_size, args.batch_size, device,
                                                             args.workers))
     dim = bank.shape[1]
     results = {"protocol": "knn", **settings(args, device, dim, train.num_classes), "features": args.features,
-               "reestimate_bn": args.reestimate_bn, "n_bank": len(bank), "n_query": len(query), "t": args.t,
-               "knn": [], "best_nn": None, "diagnostics": None}
-    name = args.ckpt or ("raw pixels" if args.pixels else
-                         "random init" + (", BN statistics of the data" if args.reestimate_bn else ""))
+               "n_bank": len(bank), "n_query": len(query), "t": args.t,
+               "knn": [], "best_nn": None, "diagnostics": None, "neighbours": None}
+    name = (args.ckpt or ("raw pixels" if args.pixels else "random init")) + (", precise BN" if args.precise_bn else "")
     print(f"{args.arch} ({name}), {args.features} features d={dim}, "
           f"{args.data} at {args.img_size} px: bank {len(bank)}, queries {len(query)}")
     print(f"{'protocol':<22}{'k':>5}{'top-1':>8}{'top-5':>8}")
     normed_bank, normed_query = F.normalize(bank, dim=1), F.normalize(query, dim=1)
-    for k in args.k:
+    for k in [k for k in args.k if k > len(bank)]:
+        print(f"--k {k} is more than the {len(bank)} images of the bank: k {len(bank)} is used.", file=sys.stderr)
+    for k in dict.fromkeys(min(k, len(bank)) for k in args.k):  # the k used, each once, in the order given
         scores = knn_predict(normed_query, normed_bank, bank_labels, train.num_classes, k, args.t, args.chunk)
         top1, top5 = topk_accuracy(scores, labels)
         results["knn"].append({"k": k, "top1": top1, "top5": top5})
@@ -231,6 +270,19 @@ def main(argv=None):
         best = max(by_k, key=lambda k: (by_k[k], -k))  # equal accuracies: the smaller k
         results["best_nn"] = {"k": best, "top1": by_k[best], "by_k": by_k}
         print(f"{'best-NN (Euclidean)':<22}{best:>5}{by_k[best]:>8.2f}{'-':>8}")
+    if args.neighbours:
+        queries = neighbour_queries(labels.cpu(), train.num_classes)
+        shown = nearest(normed_query[queries] @ normed_bank.T, min(NEIGHBOURS_SHOWN, len(bank)))[1].cpu()
+        run = os.path.basename(os.path.dirname(os.path.abspath(args.ckpt))) if args.ckpt else None
+        label = run or ("raw pixels" if args.pixels else f"{args.arch}, random init")
+        caption = [label + (", precise BN" if args.precise_bn else ""),
+                   f"kNN k {results['knn'][-1]['k']}: {results['knn'][-1]['top1']:.2f}%",
+                   "query, then its nearest training", "images (green: its class; red: not)"]
+        same = neighbours_picture(args.neighbours, caption, queries, shown, test, train, args.img_size)
+        results["neighbours"] = {"png": args.neighbours, "queries": queries, "nearest": shown.tolist(),
+                                 "same_class": same}
+        print(f"neighbours: {args.neighbours} ({len(queries)} queries, {same:.0%} of their {shown.shape[1]} nearest "
+              f"training images of their class)")
     if args.diagnostics:
         results["diagnostics"] = d = diagnostics(model, args.data, args.data_dir, args.diag_per_class, args.img_size,
                                                  args.batch_size, device, args.workers, args.chunk)

@@ -1,16 +1,18 @@
 """Linear evaluation of a pretrained or randomly initialised backbone (MoCo's protocol, He et al. 2020).
 
-    python linear_eval.py --ckpt runs/mnv3s/checkpoint.pt --json results/mnv3s_linear.json
-    python linear_eval.py --arch mobilenetv3_small --random-init --data fashionmnist --json results/random.json
-    python linear_eval.py --ckpt ... --cached --json ...       # fast approximation, labelled "cached-features"
+    python3 linear_eval.py --ckpt runs/mnv3s/checkpoint.pt --json results/mnv3s_linear.json
+    python3 linear_eval.py --arch mobilenetv3_small --random-init --data fashionmnist --json results/random.json
+    python3 linear_eval.py --ckpt ... --cached --json ...       # fast approximation, labelled "cached-features"
 
 The backbone is frozen and stays in eval mode, so its BN statistics cannot move; a linear classifier on its pooled
 features is trained with SGD (lr 30, wd 0, batch 256, 100 epochs, lr x0.1 at epochs 60 and 80) on random-resized
 crops with flips and tested on the evaluation transform. Afterwards every backbone tensor is compared with the
-loaded one (MoCo's sanity check). --json OUT receives the per-epoch history and the last and best top-1/top-5 (best:
-the epoch with the highest test top-1, as MoCo reports it; last is the number not selected on the test set), and the
-classifier is saved beside it as OUT's name with "_classifier.pt" in place of ".json"; --evaluate CLASSIFIER tests a
-saved classifier again. Network and data flags are those of knn_eval.py.
+loaded one (MoCo's sanity check). --json OUT receives the per-epoch history and the result, the last epoch's top-1
+and top-5 (`top1`); the best epoch on the test images is kept as `best_on_test_top1`, a number selected on the test
+set and never a result. The classifier is saved beside OUT as its name with "_classifier.pt" in place of ".json";
+--evaluate CLASSIFIER tests a saved classifier again. --precise-bn re-estimates the backbone's BN statistics on the
+training images first (the backbone stays frozen in eval mode after that). Network and data flags are those of
+knn_eval.py.
 """
 import argparse
 import os
@@ -21,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import data
-from evaluation import (add_model_flags, check_json_output, extract_features, load_model, pick_device, save_atomic,
-                        settings, topk_accuracy, write_json)
+from evaluation import (add_model_flags, check_json_output, evaluated_bn, extract_features, load_model, pick_device,
+                        save_atomic, settings, topk_accuracy, write_json)
 
 
 def check_backbone_unchanged(backbone, reference):
@@ -94,6 +96,9 @@ def load_classifier(path, args, dim, num_classes):
         if trained != now:
             raise SystemExit(f"{path} was trained for {what} {trained}, but the backbone and data given have "
                              f"{now}: pass the --ckpt and --data it was trained with.")
+    if saved.get("precise_bn", False) != args.precise_bn:
+        raise SystemExit(f"{path} was trained on features {'with' if saved.get('precise_bn') else 'without'} "
+                         f"--precise-bn: give the flag as it was given then.")
     classifier = nn.Linear(dim, num_classes)
     classifier.load_state_dict(weights)
     return classifier
@@ -125,16 +130,17 @@ def main(argv=None):
         check_json_output(args.json, ckpt=args.ckpt)
     if not args.evaluate:
         check_classifier_output(classifier_path(args.json))
+    device = pick_device(args.device)
     start = time.time()
     backbone, _, dim = load_model(args)
-    reference = {k: v.detach().clone() for k, v in backbone.state_dict().items()}  # as loaded from the checkpoint
-    device = pick_device(args.device)
     backbone.requires_grad_(False).eval()  # eval mode from here on: BN uses, and keeps, its running statistics
     backbone.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     train = data.load_data(args.data, "train", args.data_dir, args.subset, args.seed)
     test = data.load_data(args.data, "test", args.data_dir, args.test_subset, args.seed)
+    evaluated_bn(args, backbone, train, device)
+    reference = {k: v.detach().clone() for k, v in backbone.state_dict().items()}  # the backbone as evaluated
     protocol = "cached-features" if args.cached else "moco-linear"
-    what = "raw pixels" if args.pixels else args.ckpt or "random init"
+    what = ("raw pixels" if args.pixels else args.ckpt or "random init") + (", precise BN" if args.precise_bn else "")
     name = f"{args.arch} ({what}), {args.data} at {args.img_size} px"
 
     if args.evaluate:
@@ -197,21 +203,21 @@ def main(argv=None):
               f"lr {lr:g} {history[-1]['seconds']:.1f} s", flush=True)
     check_backbone_unchanged(backbone, reference)
 
-    best = max(history, key=lambda h: h["test_top1"])
+    best = max(history, key=lambda h: h["test_top1"])  # chosen by looking at the test set: reported as such only
     results = {"protocol": protocol, **settings(args, device, dim, train.num_classes), "n_train": len(train),
                "n_test": len(test), "lr": args.lr, "wd": args.wd, "batch_size": args.batch_size,
-               "epochs": args.epochs, "schedule": args.schedule, "best_top1": best["test_top1"],
-               "best_top5": best["test_top5"], "best_epoch": best["epoch"], "last_top1": history[-1]["test_top1"],
-               "last_top5": history[-1]["test_top5"], "classifier": classifier_path(args.json), "history": history,
+               "epochs": args.epochs, "schedule": args.schedule, "top1": history[-1]["test_top1"],
+               "top5": history[-1]["test_top5"], "best_on_test_top1": best["test_top1"],
+               "best_on_test_epoch": best["epoch"], "classifier": classifier_path(args.json), "history": history,
                "seconds": time.time() - start}
     # the classifier first: run_all.sh takes an existing --json as a finished stage, so it must never exist alone
     save_atomic({"classifier": classifier.cpu().state_dict(), "arch": args.arch, "ckpt": args.ckpt,
                  "encoder": args.encoder, "data": args.data, "num_classes": train.num_classes, "feat_dim": dim,
-                 "img_size": args.img_size, "protocol": protocol}, results["classifier"])
+                 "img_size": args.img_size, "protocol": protocol, "precise_bn": args.precise_bn}, results["classifier"])
     write_json(results, args.json)
-    print(f"{protocol}: best top-1 {best['test_top1']:.2f}% (epoch {best['epoch']}), last top-1 "
-          f"{history[-1]['test_top1']:.2f}%; backbone unchanged; {results['seconds']:.0f} s; results in {args.json}, "
-          f"classifier in {results['classifier']}")
+    print(f"{protocol}: top-1 {results['top1']:.2f}% after the last epoch (the result; the best epoch on the test "
+          f"set, {best['epoch']}, had {best['test_top1']:.2f}%, a number selected on the test set); backbone "
+          f"unchanged; {results['seconds']:.0f} s; results in {args.json}, classifier in {results['classifier']}")
     return results
 
 

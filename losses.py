@@ -38,7 +38,8 @@ def tier_bounds(num_neighbors):
 
 @torch.no_grad()
 def soft_target(neg_sim, eps, num_neighbors, mode):
-    """The soft target y over [positive, K queue entries] (the ICME'23 paper's softened InfoNCE); rows sum to 1, no gradient.
+    """The soft target y over [positive, K queue entries] (the ICME'23 paper's softened InfoNCE); rows sum to 1, no
+    gradient.
 
     neg_sim: q.queue_j before the temperature [B, K]; neighbours are the queue entries most similar to q.
     """
@@ -90,10 +91,8 @@ def smooth_eps(eps, schedule, step, total_steps, warmup_steps):
 
 def distill_loss(student, teacher):
     """DisCo: squared distance between the L2-normalised student and (frozen) teacher embeddings, summed over
-    batch and dimensions (DisCo, Gao et al. 2022). The sum over the process's batch is DisCo's own reduction
-    (DisCo-pytorch's nn.MSELoss(reduction="sum") on each GPU's 32 images of its batch 256 on 8 GPUs, the gradients
-    averaged over GPUs by DDP), kept as it is: against InfoNCE, a batch mean, the term weighs in proportion to the
-    per-process batch, so DisCo's balance holds at 32 images per process."""
+    batch and dimensions (DisCo, Gao et al. 2022). A sum over the process's batch, as DisCo reduces it: against
+    InfoNCE, a batch mean, the term weighs in proportion to the per-process batch (docs/fidelity.md)."""
     return (F.normalize(student, dim=1) - F.normalize(teacher.detach(), dim=1)).pow(2).sum()
 
 

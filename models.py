@@ -83,14 +83,15 @@ class MoCo(nn.Module):
         symmetric) from the key encoder after one momentum step, and the queue of negatives as this step's loss must
         see it. The new keys (from every rank, in rank order) then replace the oldest entries of self.queue, as in
         MoCo's builder: the returned queue is a copy, so they are not among this step's negatives."""
-        q1 = F.normalize(self.encoder_q(x1), dim=1)
+        # x1, x2: [N, 3, H, W], two views of this process's N images
+        q1 = F.normalize(self.encoder_q(x1), dim=1)  # queries: [N, dim], unit length
         q2 = F.normalize(self.encoder_q(x2), dim=1) if self.symmetric or both_queries else None
-        with torch.no_grad():
+        with torch.no_grad():  # no gradient to the keys
             self.momentum_update(m)
-            k2 = self.key_embed(x2)
+            k2 = self.key_embed(x2)  # keys: [N, dim], unit length, this process's share after shuffle BN
             k1 = self.key_embed(x1) if self.symmetric else None
-            queue = self.queue.clone()
-            self.enqueue(concat_all_gather(torch.cat([k2, k1]) if self.symmetric else k2))
+            queue = self.queue.clone()  # negatives: [dim, K], as they were before this step
+            self.enqueue(concat_all_gather(torch.cat([k2, k1]) if self.symmetric else k2))  # keys of all ranks
         return q1, q2, k1, k2, queue
 
 
@@ -114,9 +115,8 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         if x.shape[0] % self.num_splits:
             raise ValueError(f"batch of {x.shape[0]} does not split into {self.num_splits} BN groups")
         # A GPU would launch each kernel once per group and layer, so off the CPU the groups fold into one
-        # batch_norm. The CPU keeps one per group (consecutive groups are views in either memory format): a
-        # mobilenetv3_small step (28-32 px, batch 128, channels_last, 2 cores) measured 5% faster than the fold at
-        # 2 groups (the CPU demo's) and 5-9% slower at 8.
+        # batch_norm. The CPU keeps one per group (consecutive groups are views in either memory format), at the
+        # demo's 2 groups the faster of the two there (docs/performance.md).
         out, means, variances = self.per_group(x) if x.device.type == "cpu" else self.folded(x)
         self.running_mean.copy_(means.mean(0))
         self.running_var.copy_(variances.mean(0))
@@ -184,6 +184,9 @@ def build_head(feat_dim, hidden, out_dim=128, bn=False):
 def read_checkpoint(path, advice="pass the checkpoint.pt that pretrain.py wrote"):
     """The dict pretrain.py saved at path, on the CPU; a missing, unreadable or foreign file is one sentence ending
     with `advice`."""
+    if os.path.isdir(path):
+        inside = " (it holds one)" if os.path.isfile(os.path.join(path, "checkpoint.pt")) else ""
+        raise SystemExit(f"checkpoint {path} is a directory: pass the checkpoint.pt in it{inside}.")
     if not os.path.isfile(path):
         raise SystemExit(f"checkpoint {path} does not exist: {advice}.")
     try:
@@ -474,6 +477,8 @@ BACKBONES = {
     "efficientnet_b0": efficientnet_b0,
 }
 ARCHS = tuple(BACKBONES)
+# The networks of the study (run_all.sh's ARCHS, bench.py's default); resnet50 is the big reference and teacher.
+STUDY = ("resnet18", "resnet34", "mobilenetv3_large", "mobilenetv3_small", "efficientnet_b0")
 
 
 def build_backbone(name, small_stem=False):

@@ -3,6 +3,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from evaluation import knn_predict, topk_accuracy
 from knn_eval import alignment, best_nn_accuracies, instance_accuracy, intra_class_alignment, uniformity
 from linear_eval import check_backbone_unchanged
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 # 200 synthetic training images (the bank / linear-eval training set), 100 test images, at 32 px
 SMALL = ["--data", "synthetic", "--subset", "200", "--test-subset", "100", "--batch-size", "64"]
@@ -230,7 +233,7 @@ def checkpoint(tmp_path_factory):
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 2)
-                m.num_batches_tracked += 7
+                m.num_batches_tracked += 1000  # statistics as after 1000 updates: 0.99^1000 of the initial left
         head = models.build_head(dim, 64, 16)
         for part, module in (("backbone", backbone), ("head", head)):
             model.update({f"{prefix}.{part}.{k}": v for k, v in module.state_dict().items()})
@@ -258,12 +261,12 @@ def test_knn_eval_random_init_end_to_end(tmp_path):
     assert 0 <= diag["instance_accuracy"] <= 100
 
 
-def test_reestimate_bn_sets_the_statistics_of_the_data_and_nothing_else():
+def test_precise_bn_sets_the_statistics_of_the_data_and_nothing_else():
     torch.manual_seed(0)
     backbone, _ = models.build_backbone("resnet18")
     data = load_data("synthetic", "train", subset="48")
     weights = {k: v.clone() for k, v in backbone.state_dict().items() if "running" not in k and "batches" not in k}
-    knn_eval.reestimate_bn(backbone, data, 32, batch_size=64)  # one batch: the statistics of all 48 images
+    evaluation.precise_bn(backbone, data, 32, batch_size=64)  # one batch: the statistics of all 48 images
     x = torch.cat([x for x, _ in eval_loader(data, 32, 64)])
     stem = backbone.conv1(x)  # the first BN layer's input, computed independently
     assert torch.allclose(backbone.bn1.running_mean, stem.mean((0, 2, 3)), atol=1e-5)
@@ -272,7 +275,7 @@ def test_reestimate_bn_sets_the_statistics_of_the_data_and_nothing_else():
     assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in weights.items())
 
 
-def test_reestimate_bn_runs_without_stochastic_depth():
+def test_precise_bn_runs_without_stochastic_depth():
     # EfficientNet-B0's stochastic depth would drop random blocks while the statistics are gathered: twice the same
     # images must give the same statistics
     data = load_data("synthetic", "train", subset="32")
@@ -281,7 +284,7 @@ def test_reestimate_bn_runs_without_stochastic_depth():
         torch.manual_seed(0)
         backbone, _ = models.build_backbone("efficientnet_b0")
         torch.manual_seed(seed)  # another random stream: it would drop other blocks
-        knn_eval.reestimate_bn(backbone, data, 32, batch_size=16)
+        evaluation.precise_bn(backbone, data, 32, batch_size=16)
         stats.append(torch.cat([m.running_var for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]))
     torch.testing.assert_close(stats[0], stats[1], atol=0, rtol=0)
 
@@ -302,12 +305,67 @@ def test_knn_eval_pixels_reference_is_the_normalised_images():
         knn_eval.main(CPU + ["--pixels", "--random-init", "--arch", "resnet18", *SMALL])
 
 
-def test_knn_eval_reestimated_reference(tmp_path):
+def test_knn_eval_reference_with_the_data_bn_statistics(tmp_path):
     plain = knn_eval.main(CPU + ["--arch", "mobilenetv3_small", "--random-init", *SMALL, "--k", "20"])
-    bn = knn_eval.main(CPU + ["--arch", "mobilenetv3_small", "--random-init", "--reestimate-bn", *SMALL, "--k", "20"])
-    assert bn["reestimate_bn"] and not plain["reestimate_bn"] and bn["knn"] != plain["knn"]
-    with pytest.raises(SystemExit, match="reference for --random-init"):
-        knn_eval.main(CPU + ["--arch", "mobilenetv3_small", "--reestimate-bn", "--ckpt", "x.pt"])
+    bn = knn_eval.main(CPU + ["--arch", "mobilenetv3_small", "--random-init", "--precise-bn", *SMALL, "--k", "20"])
+    assert bn["precise_bn"] and not plain["precise_bn"] and bn["knn"] != plain["knn"]
+    assert plain["bn_initial_fraction"] == 1.0  # untrained: the statistics are their initial values
+    again = knn_eval.main(CPU + ["--arch", "mobilenetv3_small", "--random-init", "--reestimate-bn", *SMALL,
+                                 "--k", "20"])
+    assert again["knn"] == bn["knn"]  # the flag's earlier name
+    with pytest.raises(SystemExit, match="drop --arch, --small-stem and --precise-bn"):
+        knn_eval.main(CPU + ["--pixels", "--precise-bn", *SMALL])
+
+
+def stale_checkpoint(checkpoint, tmp_path, updates):
+    """The fixture's checkpoint with every BN layer updated `updates` times (mobilenetv3_small: momentum 0.01)."""
+    saved = torch.load(checkpoint, weights_only=True)
+    for name in saved["model"]:
+        if name.endswith("num_batches_tracked"):
+            saved["model"][name] = torch.tensor(updates)
+    path = tmp_path / f"after_{updates}.pt"
+    torch.save(saved, path)
+    return str(path)
+
+
+def test_stale_bn_statistics_are_said_and_precise_bn_replaces_them(checkpoint, tmp_path, capsys):
+    """15 updates at momentum 0.01 leave 0.99^15 = 86% of the initial statistics: both evaluations say so in one
+    line and record it; --precise-bn evaluates with the training images' statistics instead, and says nothing."""
+    stale = stale_checkpoint(checkpoint, tmp_path, 15)
+    for script, extra in ((knn_eval, ["--k", "20"]), (linear_eval, ["--epochs", "1", "--cached", "--json",
+                                                                      str(tmp_path / "linear.json")])):
+        res = script.main(CPU + ["--ckpt", stale, "--test-subset", "100", *extra])
+        err = capsys.readouterr().err
+        assert res["bn_initial_fraction"] == pytest.approx(0.99 ** 15) and not res["precise_bn"]
+        assert err.count("warning:") == 1 and "still hold 86% of their initial values" in err
+        assert "after 15 updates at momentum 0.01" in err and "add --precise-bn" in err
+    precise = knn_eval.main(CPU + ["--ckpt", stale, "--test-subset", "100", "--k", "20", "--precise-bn"])
+    assert precise["precise_bn"] and precise["bn_initial_fraction"] == pytest.approx(0.99 ** 15)
+    assert "warning" not in capsys.readouterr().err
+    knn_eval.main(CPU + ["--ckpt", checkpoint, "--test-subset", "100", "--k", "20"])  # 1000 updates: 4e-5 left
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_precise_bn_on_a_checkpoint_uses_the_bank_images_statistics(checkpoint):
+    """The evaluated network's first BN layer holds the statistics of its input over the bank's images."""
+    backbone, _, _, _ = models.load_pretrained(checkpoint)
+    train = load_data("synthetic", "train", subset="200")
+    evaluation.precise_bn(backbone, train, 32, batch_size=256)
+    x = torch.cat([x for x, _ in eval_loader(train, 32, 256)])
+    stem = backbone.features[0][0](x)
+    assert torch.allclose(backbone.features[0][1].running_mean, stem.mean((0, 2, 3)), atol=1e-5)
+
+
+def test_bn_initial_fraction_against_the_momentum():
+    resnet, _ = models.build_backbone("resnet18")  # momentum 0.1
+    mobilenet, _ = models.build_backbone("mobilenetv3_small")  # momentum 0.01
+    for m in resnet.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.num_batches_tracked += 20
+    resnet.bn1.num_batches_tracked.fill_(3)  # the stalest layer decides
+    assert evaluation.bn_initial_fraction(resnet) == (pytest.approx(0.9 ** 3), 3, 0.1)
+    assert evaluation.bn_initial_fraction(mobilenet) == (1.0, 0, 0.01)
+    assert evaluation.bn_initial_fraction(torch.nn.Flatten()) is None
 
 
 def test_knn_eval_checkpoint_end_to_end(checkpoint, tmp_path):
@@ -357,10 +415,15 @@ def test_linear_eval_checkpoint_end_to_end(checkpoint, tmp_path):
                             "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     assert res["protocol"] == "moco-linear" and res["n_train"] == 200 and [h["lr"] for h in res["history"]] == [30, 3]
-    assert res["best_top1"] == max(h["test_top1"] for h in res["history"]) >= res["last_top1"]
+    # the result is the last epoch, never the epoch picked on the test set; that one is kept under its own name
+    assert (res["top1"], res["top5"]) == (res["history"][-1]["test_top1"], res["history"][-1]["test_top5"])
+    assert res["best_on_test_top1"] == max(h["test_top1"] for h in res["history"]) and "best_top1" not in res
     assert res["classifier"] == str(tmp_path / "linear_classifier.pt")
     again = linear_eval.main(CPU + ["--ckpt", checkpoint, "--test-subset", "100", "--evaluate", res["classifier"]])
-    assert (again["top1"], again["top5"]) == (res["last_top1"], res["last_top5"])
+    assert (again["top1"], again["top5"]) == (res["top1"], res["top5"])
+    with pytest.raises(SystemExit, match="was trained on features without --precise-bn"):
+        linear_eval.main(CPU + ["--ckpt", checkpoint, "--test-subset", "100", "--evaluate", res["classifier"],
+                                "--precise-bn"])
 
 
 def test_results_name_the_checkpoint_they_measured(checkpoint, tmp_path):
@@ -477,3 +540,106 @@ def test_a_gpu_torch_cannot_use_is_said_not_passed_over(tmp_path, monkeypatch, c
     assert evaluation.pick_device("cpu").type == "cpu"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # hidden on purpose
     assert evaluation.pick_device("auto").type == "cpu"
+
+
+# ----- user mistakes: said in one sentence, or said and recorded as what was used ------------------------------------
+
+def test_k_above_the_bank_is_said_and_recorded_as_used(capsys):
+    res = knn_eval.main(CPU + ["--pixels", *SMALL, "--k", "20", "500", "5000"])
+    assert [r["k"] for r in res["knn"]] == [20, 200]  # the bank's 200 images: k 200, once
+    err = capsys.readouterr().err
+    assert "--k 500 is more than the 200 images of the bank: k 200 is used." in err and "--k 5000 is more" in err
+
+
+def test_a_subset_larger_than_the_data_is_said(capsys):
+    res = knn_eval.main(CPU + ["--pixels", "--data", "synthetic", "--subset", "100000", "--test-subset", "50",
+                               "--k", "20"])
+    assert res["n_bank"] == 2000  # the synthetic training split
+    assert "--subset 100000: synthetic has fewer images than that, so 2000 are used." in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, sentence", [
+    ("gpu", "--device gpu is not a device this project runs on: use auto, cpu, cuda or cuda:N."),
+    ("cuda:x", "--device cuda:x is not a device this project runs on"),
+    ("mps", "--device mps is not a device this project runs on")])
+def test_a_device_that_is_not_one_is_one_sentence(device, sentence):
+    for script in (knn_eval, linear_eval):
+        with pytest.raises(SystemExit, match=re.escape(sentence)):
+            script.main(["--pixels", *SMALL, "--device", device, "--json", "unused.json"])
+
+
+def test_a_gpu_that_is_not_there_is_one_sentence(tmp_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU torch can use")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no nvidia-smi sentence either
+    with pytest.raises(SystemExit, match="--device cuda asks for a GPU, and torch .* sees none on this machine"):
+        knn_eval.main(["--pixels", *SMALL, "--device", "cuda"])
+    import pretrain
+    with pytest.raises(SystemExit, match="--device cuda asks for a GPU"):
+        pretrain.main(["--data", "synthetic", "--subset", "64", "--batch-size", "16", "--moco-k", "32",
+                       "--device", "cuda", "--out", str(tmp_path / "run")])
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_run_directory_given_as_checkpoint_is_named_so(checkpoint):
+    folder = os.path.dirname(checkpoint)
+    for script in (knn_eval, linear_eval):
+        with pytest.raises(SystemExit, match=re.escape(f"checkpoint {folder} is a directory: pass the checkpoint.pt "
+                                                       f"in it (it holds one).")):
+            script.main(CPU + ["--ckpt", folder, "--json", "unused.json"])
+
+
+def test_help_shows_commands_that_run_as_printed():
+    """--help's example commands start with the interpreter that is running, never a bare python3 that may lack
+    torch (unless python3 is that interpreter)."""
+    import data
+    for script in ("knn_eval.py", "linear_eval.py", "pretrain.py", "bench.py", "report.py"):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert f"{data.interpreter()} {script}" in proc.stdout or f"{data.interpreter()} -m" in proc.stdout, script
+        if data.interpreter() != "python3":
+            assert "python3 " not in proc.stdout, script
+
+
+# ----- the neighbours picture ---------------------------------------------------------------------------------------
+
+def frame_colours(path, rows, columns, size, caption_lines=4):
+    """The colour of each cell's frame in a neighbours picture: (red, green, blue) one pixel inside its border."""
+    from PIL import Image
+    picture = Image.open(path).convert("RGB")
+    top, stride = 12 * caption_lines + 4, size + 4 + 2  # caption; image + frame of 2 on each side + grid padding 2
+    return [[picture.getpixel((2 + c * stride + 1, top + 2 + r * stride + 1)) for c in range(columns)]
+            for r in range(rows)]
+
+
+def test_neighbours_show_the_same_queries_for_every_network_and_mark_their_classes(checkpoint, tmp_path):
+    runs = {"pixels": ["--pixels"], "random0": ["--arch", "mobilenetv3_small", "--random-init", "--seed", "0"],
+            "random1": ["--arch", "resnet18", "--random-init", "--seed", "1", "--precise-bn"],
+            "ckpt": ["--ckpt", checkpoint]}
+    test = load_data("synthetic", "test", subset="100")
+    train = load_data("synthetic", "train", subset="200")
+    expected = [i for c in range(10) for i in [j for j in range(100) if test.labels[j] == c][:2]]  # by hand
+    for name, flags in runs.items():
+        png = tmp_path / f"{name}.png"
+        data_flags = [] if name == "ckpt" else ["--data", "synthetic", "--subset", "200"]
+        res = knn_eval.main(CPU + flags + data_flags + ["--test-subset", "100", "--k", "20", "--neighbours",
+                                                        str(png)])
+        shown = res["neighbours"]
+        assert shown["queries"] == expected, name  # the same images, in the same order, whatever the features
+        if name == "pixels":  # the nearest under the features evaluated: here the normalised pixels, by hand
+            mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (train.mean, train.std))
+            bank, query = (F.normalize(((d.images.double() / 255 - mean) / std).flatten(1), dim=1)
+                           for d in (train, test))
+            similar = query[expected] @ bank.T
+            for row, sims in zip(shown["nearest"], similar):
+                assert sims[row].tolist() == sorted(sims[row].tolist(), reverse=True)
+                assert sims[row[-1]] >= sims.sort(descending=True).values[len(row) - 1] - 1e-6
+        assert all(len(row) == knn_eval.NEIGHBOURS_SHOWN for row in shown["nearest"])
+        same = [[int(train.labels[j]) == int(test.labels[q]) for j in row]
+                for q, row in zip(shown["queries"], shown["nearest"])]
+        assert shown["same_class"] == pytest.approx(np.mean(same))
+        colours = frame_colours(png, len(expected), 1 + knn_eval.NEIGHBOURS_SHOWN, 32)
+        for marks, row in zip(same, colours):
+            assert row[0][0] < 100 and row[0][1] < 100  # the query's dark frame
+            for mark, (red, green, _) in zip(marks, row[1:]):
+                assert (green > red) == mark, name  # green: the query's class; red: another

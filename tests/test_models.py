@@ -41,10 +41,10 @@ def cached_backbone(name, small_stem):
 
 
 def reference(name, small_stem, size):
-    """torchvision's model with its stem changed the way models.py changes it when small_stem, no dropout (ours has none; it
-    sits in torchvision's classifier), random BN affine parameters and biases, and BN running statistics measured on
-    random images, so that BN in eval mode is exercised and the features depend on the input. Returns the model with
-    its class Linear replaced by Identity, and its state dict without that Linear."""
+    """torchvision's model with its stem changed the way models.py changes it when small_stem, no dropout (ours has
+    none; it sits in torchvision's classifier), random BN affine parameters and biases, and BN running statistics
+    measured on random images, so that BN in eval mode is exercised and the features depend on the input. Returns the
+    model with its class Linear replaced by Identity, and its state dict without that Linear."""
     constructor, last = TORCHVISION[name]
     tv = getattr(torchvision.models, constructor)(weights=None)
     if small_stem and name.startswith("resnet"):
@@ -99,7 +99,8 @@ def test_weights_and_features_match_torchvision(name, small_stem):
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         expected = tv.eval()(x)
-        assert (expected[0] - expected[1]).abs().mean() > 0.05 * expected.abs().mean()  # input-dependent, so the match means something
+        # input-dependent, so the match means something
+        assert (expected[0] - expected[1]).abs().mean() > 0.05 * expected.abs().mean()
         torch.testing.assert_close(ours.eval()(x), expected, atol=1e-5, rtol=1e-5)
         # Training mode checks batch statistics, BN momentum (running stats) and stochastic depth (same draws).
         torch.manual_seed(1)
