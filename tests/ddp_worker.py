@@ -1,10 +1,12 @@
 """Run by test_pretrain under torchrun: trains with pretrain.main on every rank, then checks that all ranks hold
 the same weights (both encoders) and queue, and writes the verdict to the JSON file named first. With
-NAN_LOSS_ON_RANK=r, rank r reports a NaN loss at every step (its weights stay finite). BN running
-statistics are not compared: DDP broadcasts rank 0's buffers at the start of each forward, so after the last step
-each rank still holds the statistics of its own last batch."""
+NAN_LOSS_ON_RANK=r, rank r reports a NaN loss at every step (its weights stay finite). With KILL_RANK_AT_STEP=r:s,
+rank r kills itself (SIGKILL, as a crash or an OOM killer would) before its step s of torchrun's first attempt.
+BN running statistics are not compared: DDP broadcasts rank 0's buffers at the start of each forward, so after the
+last step each rank still holds the statistics of its own last batch."""
 import json
 import os
+import signal
 import sys
 
 import torch
@@ -14,13 +16,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pretrain  # noqa: E402
 
 result_path, argv = sys.argv[1], sys.argv[2:]
+real = pretrain.train_step
 if os.environ.get("NAN_LOSS_ON_RANK") == os.environ["RANK"]:  # this rank alone logs a NaN loss
-    real = pretrain.train_step
 
     def nan_loss_step(*args, **kwargs):
-        loss, acc = real(*args, **kwargs)
-        return loss * float("nan"), acc
+        loss, acc, spread = real(*args, **kwargs)
+        return loss * float("nan"), acc, spread
     pretrain.train_step = nan_loss_step
+kill_rank, _, kill_step = os.environ.get("KILL_RANK_AT_STEP", "::").partition(":")
+if kill_rank == os.environ["RANK"] and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+    steps = []
+
+    def killed_step(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == int(kill_step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    pretrain.train_step = killed_step
 model = pretrain.main(argv)
 state = {k: v.detach().cpu() for k, v in model.named_parameters()}
 state.update(queue=model.queue.cpu(), queue_ptr=model.queue_ptr.cpu())

@@ -68,5 +68,6 @@ def test_a_training_step_does_not_synchronise(split_bn, monkeypatch):
     views = [augment(images, torch.Generator().manual_seed(i)) for i in range(4)]
     with HostSyncs() as syncs:  # the first step (SGD makes its momentum buffers) and one after it
         for x1, x2 in (views[:2], views[2:]):
-            loss, _ = pretrain.train_step(model, x1, x2, optimizer, scaler, autocast, args, args.moco_m, args.smooth)
+            loss, _, _ = pretrain.train_step(model, x1, x2, optimizer, scaler, autocast, args, args.moco_m,
+                                             args.smooth)
     assert syncs.found == [] and loss.isfinite()
