@@ -7,7 +7,8 @@ key forward, loss, SGD, queue update) for --warmup untimed and --steps timed ste
   query encoder's forward-backward, and in the rest (key encoder, loss, optimizer, queue);
 - the MoCo overhead: (step - augmentation - query forward-backward - SGD) / query forward-backward;
 - the `torchvision` worker pipeline's images/s on the same model (--workers processes) and the batched speed-up;
-- channels_last against the default memory format, and on CUDA bf16 AMP and torch.compile against plain fp32;
+- channels_last against the default memory format, bf16 autocast against fp32 (on a CPU too: --amp auto is fp32
+  there, bf16 on CUDA), and on CUDA torch.compile against plain fp32;
 - peak memory (CUDA: allocated; CPU: the resident size of a fresh process per architecture) and forward MACs.
 
     python3 bench.py                                     # the five networks, 32 px, ImageNet stem, batch 256
@@ -31,16 +32,14 @@ from torch import nn
 import data
 import pretrain
 from evaluation import check_json_output, pick_device
-from models import ARCHS, build_backbone
-
-STUDY_ARCHS = ("resnet18", "resnet34", "mobilenetv3_large", "mobilenetv3_small", "efficientnet_b0")
+from models import ARCHS, STUDY, build_backbone
 
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     a = parser.add_argument
     count = data.int_flag
-    a("--arch", nargs="+", default=list(STUDY_ARCHS), choices=ARCHS, help="networks to time")
+    a("--arch", nargs="+", default=list(STUDY), choices=ARCHS, help="networks to time")
     a("--img-size", type=data.int_flag(data.MIN_IMG_SIZE, 4096), nargs="+", default=[32],
       help="view size (--aug-only: several sizes)")
     a("--small-stem", action="store_true", help="stem for 28-64 px inputs (total stride 8)")
@@ -205,20 +204,22 @@ def bench_arch(args, arch, img_size, device):
     if device.type == "cuda":
         row["peak_memory_mb"] = peak
     if not args.no_compare:
-        variants = {"torchvision": ("torchvision", {}), "default_format": ("batched", {"channels_last": False})}
-        if device.type == "cuda":
-            variants.update({
-                "fp32": ("batched", {"channels_last": False, "amp": "off"}),
-                "bf16_channels_last_compile": ("batched", {"compile": True})})
+        # the default (--amp auto) is bf16 on CUDA and fp32 on a CPU: the other precision is timed beside it
+        other = ("fp32", {"amp": "off"}) if device.type == "cuda" else ("bf16", {"amp": "bf16"})
+        variants = {"torchvision": ("torchvision", {}), "default_format": ("batched", {"channels_last": False}),
+                    other[0]: ("batched", other[1])}
+        if device.type == "cuda":  # torch.compile: nothing gained on a CPU (docs/performance.md)
+            variants["bf16_compile"] = ("batched", {"compile": True})
         for name, (backend, changes) in variants.items():
             with true_fp32() if name == "fp32" else nullcontext():
                 phases = run_steps(train, argparse.Namespace(**{**vars(targs), **changes}), device, args, backend)[0]
             row[f"{name}_images_per_s"] = args.batch_size / (phases["augment"] + phases["step"])
+        row[f"{'bf16' if device.type == 'cuda' else 'fp32'}_images_per_s"] = row["images_per_s"]
         row["batched_over_torchvision"] = row["images_per_s"] / row["torchvision_images_per_s"]
         row["channels_last_speedup"] = row["images_per_s"] / row["default_format_images_per_s"]
+        row["bf16_over_fp32"] = row["bf16_images_per_s"] / row["fp32_images_per_s"]
         if device.type == "cuda":
-            row["amp_channels_last_over_fp32"] = row["images_per_s"] / row["fp32_images_per_s"]
-            row["compile_over_fp32"] = row["bf16_channels_last_compile_images_per_s"] / row["fp32_images_per_s"]
+            row["compile_over_fp32"] = row["bf16_compile_images_per_s"] / row["fp32_images_per_s"]
     if device.type != "cuda":
         row["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return row
@@ -257,7 +258,7 @@ def print_table(rows):
             ("augment_ms", "{:>7.1f}", "aug ms"), ("query_fwd_bwd_ms", "{:>8.1f}", "q f+b ms"),
             ("rest_ms", "{:>8.1f}", "rest ms"), ("moco_overhead", "{:>8.0%}", "MoCo +"),
             ("torchvision_images_per_s", "{:>8.0f}", "tv img/s"), ("batched_over_torchvision", "{:>7.2f}x", "batched"),
-            ("channels_last_speedup", "{:>7.2f}x", "ch_last"), ("amp_channels_last_over_fp32", "{:>7.2f}x", "amp+cl"),
+            ("channels_last_speedup", "{:>7.2f}x", "ch_last"), ("bf16_over_fp32", "{:>7.2f}x", "bf16"),
             ("compile_over_fp32", "{:>7.2f}x", "compile"), ("peak_memory_mb", "{:>8.0f}", "peak MB"),
             ("forward_mmacs", "{:>8.1f}", "MMACs")]
     cols = [c for c in cols if any(c[0] in r for r in rows)]
