@@ -17,12 +17,9 @@
 #   STUDY_DIR=/scratch bash run_all.sh                        runs/ and results/ go there (default: here)
 #   PYTHON=/path/to/python bash run_all.sh                    that interpreter and its packages (no .venv)
 #
-#   preset    data                             pretraining                         expected cost
-#   demo      embedded Fashion-MNIST, 20k      28 px, ImageNet stem, 6 epochs      DEMO_COST below, 2-core CPU
-#   fmnist    Fashion-MNIST, 60k               28 px, small stem, 200 epochs       hours on one GPU
-#   cifar10   CIFAR-10 (DATA_DIR)              32 px, small stem, 200 epochs       hours on one GPU
-#   imagenet  ImageFolder train/ val/ (DATA_DIR) 224 px, 200 epochs, 8 GPUs        days on 8 GPUs
-#   smoke     synthetic images, 64             a few steps; checks the pipeline    about 1 min
+# The presets are presets/<name>.sh (demo, fmnist, cifar10, imagenet, smoke: data, schedule, batch, evaluation budget),
+# the two recipes recipes/baseline.args and recipes/small.args; docs/presets.md lists every command, resolved. The
+# demo takes DEMO_COST (below) on a 2-core CPU; fmnist and cifar10 are sized for one GPU, imagenet for 8.
 #
 # Finished stages are skipped (an evaluation only while its JSON names the checkpoint as it is now), interrupted
 # pretrainings resumed (pretrain.py --resume), so rerunning the command continues a killed study. Any failing job
@@ -32,12 +29,14 @@ set -euo pipefail
 shopt -s extglob
 cd "$(dirname "$0")"
 DEMO_COST="about 45 min on a 2-core CPU at one seed"  # from the measured stages of results/demo: docs/performance.md
+CPU_COST="weeks"  # PLACEHOLDER until measured
 # what the user gave, checked before the (slow) set-up
 SEEDS=${SEEDS:-1}
 [[ $SEEDS =~ ^[1-9][0-9]*$ ]] || { echo "SEEDS=$SEEDS is not a number of seeds (1, 2, ...)." >&2; exit 2; }
 [[ ${JOBS:-1} =~ ^[1-9][0-9]*$ ]] || { echo "JOBS=$JOBS is not a number of jobs (1, 2, ...)." >&2; exit 2; }
-if [[ -n ${1:-${PRESET:-}} && ${1:-${PRESET:-}} != @(demo|fmnist|cifar10|imagenet|smoke|tests|gpucheck) ]]; then
-  echo "unknown preset '${1:-$PRESET}': choose demo, fmnist, cifar10, imagenet or smoke (or tests, gpucheck)." >&2
+if [[ -n ${1:-${PRESET:-}} && ${1:-${PRESET:-}} != @(tests|gpucheck) && ! -f presets/${1:-$PRESET}.sh ]]; then
+  echo "unknown preset '${1:-$PRESET}': choose one of presets/ ($(cd presets && ls *.sh | sed 's/\.sh$//' |
+        tr '\n' ' ')), or tests, gpucheck." >&2
   exit 2
 fi
 
@@ -70,7 +69,8 @@ else
            "README, Install." >&2
       exit 1
     fi
-    works .venv/bin/python || { echo "set-up failed: .venv/bin/python cannot import torch and torchvision." >&2; exit 1; }
+    works .venv/bin/python || { echo "set-up failed: .venv/bin/python cannot import torch and torchvision." >&2
+                                exit 1; }
     echo "$LOCK_SHA" > .venv/lock.sha256
   fi
   PY=.venv/bin/python
@@ -93,9 +93,15 @@ fi
 
 # --- the preset: given, or chosen by the hardware ------------------------------------------------------------
 # the GPUs torch can use; where nvidia-smi sees GPUs that torch cannot use, one sentence and an exit (evaluation.py)
-GPUS=$("$PY" -c "import numpy, torch, torchvision, evaluation; evaluation.pick_device('auto')
-print(torch.cuda.device_count())") || { echo "set-up: $PY cannot import numpy, torch and torchvision (or the" \
-  "line above says why it cannot go on)." >&2; exit 1; }
+# and the study's networks (models.STUDY: the list lives there)
+read -r GPUS STUDY_ARCHS < <("$PY" -c "import numpy, torch, torchvision, evaluation, models
+evaluation.pick_device('auto')
+print(torch.cuda.device_count(), *models.STUDY)") || true
+[[ -n ${GPUS:-} ]] || { echo "set-up: $PY cannot import numpy, torch and torchvision (or the line above says why" \
+  "it cannot go on)." >&2; exit 1; }
+# recipes/NAME.args as an array (comments dropped): the flags pretrain.py would read from @recipes/NAME.args
+read -ra RECIPE_BASELINE <<< "$(sed 's/#.*//' recipes/baseline.args | xargs)"
+read -ra RECIPE_SMALL <<< "$(sed 's/#.*//' recipes/small.args | xargs)"
 NPROC=$(nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 1)
 
 # --- gpucheck: everything a first GPU session should measure, in one unattended command -------------------------
@@ -124,11 +130,11 @@ if [[ ${1:-} == gpucheck ]]; then
     \"cuDNN\", torch.backends.cudnn.version(), torch.cuda.get_device_name(), torch.cuda.get_device_capability(),
     \"bf16\", torch.cuda.is_bf16_supported(), \"GPUs\", torch.cuda.device_count())'"
   check cuda_tests 150 "$PY" -m pytest tests -m cuda -q -rfEs -p no:cacheprovider
-  for arch in resnet18 resnet34 mobilenetv3_large mobilenetv3_small efficientnet_b0; do  # the fmnist small recipe
-    check "pretrain_$arch" 30 "$PY" pretrain.py --arch "$arch" --small-stem --data synthetic --img-size 28 \
-      --batch-size 512 --moco-k 1024 --moco-m 0.99 --moco-t 0.1 --mlp-hidden 2048 --bn-splits 8 --symmetric \
-      --smooth 0.1 --aug small --aug-backend batched --channels-last --epochs 100 --max-steps 12 --log-every 3 \
-      --out "$G/pretrain_$arch"
+  source presets/fmnist.sh
+  for arch in $STUDY_ARCHS; do  # the fmnist preset's small-recipe command, on 2000 synthetic images (a queue of 1024)
+    check "pretrain_$arch" 30 "$PY" pretrain.py --arch "$arch" "${NET[@]}" "${PRETRAIN[@]}" "${RECIPE_SMALL[@]}" \
+      "${SMALL[@]}" --batch-size "$BATCH_SMALL" --bn-splits $((BATCH_SMALL / BN_GROUP)) --data synthetic \
+      --img-size 28 --moco-k 1024 --knn-every 0 --max-steps 12 --log-every 3 --out "$G/pretrain_$arch"
     rm -f "$G/pretrain_$arch/checkpoint.pt"
   done
   BENCH=(--img-size 28 --small-stem --batch-size 512 --moco-k 4096 --bn-splits 8 --warmup 3 --steps 10 --workers 8)
@@ -154,7 +160,8 @@ if [[ -z $PRESET ]]; then
     PRESET=fmnist
     echo "run_all.sh: no preset given and $GPUS GPU(s) found, so the fmnist study: 5 networks x 2 recipes on the" \
          "60k Fashion-MNIST images, small stem, 200 epochs each, then kNN and linear evaluation. This project has" \
-         "not measured it on a GPU yet: each run prints its ETA. Another preset: bash run_all.sh demo|cifar10|imagenet|smoke."
+         "not measured it on a GPU yet: each run prints its ETA. Another preset: bash run_all.sh" \
+         "demo|cifar10|imagenet|smoke."
   else
     PRESET=demo
     echo "run_all.sh: no preset given and no GPU found, so the CPU demo: 5 networks x 2 recipes on 20k" \
@@ -163,7 +170,7 @@ if [[ -z $PRESET ]]; then
   fi
 fi
 DATA_DIR=${2:-${DATA_DIR:-}}
-ARCHS=(${ARCHS:-resnet18 resnet34 mobilenetv3_large mobilenetv3_small efficientnet_b0})  # ARCHS="a b": a subset
+ARCHS=(${ARCHS:-$STUDY_ARCHS})  # ARCHS="a b": a subset
 # JOBS: measured on a 2-core CPU, two pretrainings of one thread each beat one of two threads (docs/performance.md)
 JOBS=${JOBS:-$( ((GPUS)) && echo 1 || echo $(( NPROC >= 2 ? 2 : 1 )))}
 DRY_RUN=${DRY_RUN:-}
@@ -171,45 +178,28 @@ STUDY_DIR=${STUDY_DIR:-.}  # where runs/ and results/ go
 RUNS=$STUDY_DIR/runs/$PRESET
 OUT=$STUDY_DIR/results/$PRESET
 
-# --- presets: data, network, pretraining schedule, and the evaluation budget ----------------------------------
-# DATA: the data set (every stage); NET: the network's stem (pretraining, random-init references); PRETRAIN: the
-# pretraining's own flags, shared by both recipes; EVAL: kNN and linear evaluation; LINEAR: linear evaluation alone.
-NET=()
-case $PRESET in
-  demo)  # CPU-sized: 28 px, ImageNet stem and channels_last (the small stem costs 8-20x on a CPU), a 20k subset.
-    # At this budget (936 steps) a projection head without BN collapses (every query drifts to one direction and
-    # kNN ends below random init), so both recipes get --head-bn here; see docs/training-health.md.
-    DATA=(--data fashionmnist ${DATA_DIR:+--data-dir "$DATA_DIR"})
-    # BN groups of 64 images, as in MoCo's CIFAR demo: groups of 16 at 1x1 feature maps make a key depend so much
-    # on its group that the positive loses even for identical views (docs/training-health.md).
-    PRETRAIN=(--subset 20000 --epochs 6 --moco-k 1024 --moco-m 0.99 --head-bn --aug-backend batched --channels-last
-              --knn-every 3 --knn-subset 5000 --log-every 52)
-    BATCH_BASE=128; BATCH_SMALL=128; BN_GROUP=64; WD=5e-4; WARMUP=1; AUG_BASE=small; AUG_SMALL=small
-    EVAL=(--subset 10000 --channels-last)
-    LINEAR=(--cached --epochs 30 --schedule 18 24) ;;
-  fmnist|cifar10)  # the well-known MoCo setting on small data sets (MoCo's CIFAR-10 demo; docs/fidelity.md)
-    [[ $PRESET == fmnist ]] && SET=fashionmnist || SET=cifar10
-    DATA=(--data $SET ${DATA_DIR:+--data-dir "$DATA_DIR"})
-    NET=(--small-stem)
-    PRETRAIN=(--epochs 200 --moco-k 4096 --moco-m 0.99 --aug-backend batched --channels-last --knn-every 10)
-    BATCH_BASE=512; BATCH_SMALL=512; BN_GROUP=64; WD=5e-4; WARMUP=5; AUG_BASE=small; AUG_SMALL=small
-    EVAL=(--channels-last)
-    LINEAR=() ;;
-  imagenet)  # the papers' settings: 224 px, K 65536, m 0.999, blur; DATA_DIR holds train/ and val/
-    [[ -n $DATA_DIR ]] || { echo "run_all.sh imagenet needs DATA_DIR (a folder with train/ and val/)." >&2; exit 2; }
-    DATA=(--data imagefolder --data-dir "$DATA_DIR")
-    PRETRAIN=(--epochs 200 --moco-k 65536 --moco-m 0.999 --aug-backend torchvision --workers 10 --channels-last
-              --knn-every 0)
-    BATCH_BASE=256; BATCH_SMALL=512; BN_GROUP=64; WD=1e-4; WARMUP=5; AUG_BASE=mocov2; AUG_SMALL=strong
-    EVAL=(--workers 10 --channels-last)
-    LINEAR=() ;;
-  smoke)  # the test suite's check of this script: synthetic images, a few steps, no claim about accuracy
-    DATA=(--data synthetic)
-    PRETRAIN=(--subset 64 --epochs 1 --moco-k 32 --moco-m 0.99 --aug-backend batched --knn-every 1)
-    BATCH_BASE=16; BATCH_SMALL=16; BN_GROUP=8; WD=5e-4; WARMUP=0; AUG_BASE=small; AUG_SMALL=small
-    EVAL=(--subset 64 --test-subset 32)
-    LINEAR=(--cached --epochs 2 --schedule 1) ;;
-esac
+# --- the preset: DATA, NET, PRETRAIN, BATCH_*, BN_GROUP, BASELINE, SMALL, EVAL, LINEAR (presets/PRESET.sh) ------
+source "presets/$PRESET.sh"
+DATA+=(${DATA_DIR:+--data-dir "$DATA_DIR"})
+
+# --- before anything is made: the networks and the data are there (dry runs check them too) ---------------------
+"$PY" - "${DATA[1]}" "$DATA_DIR" "${ARCHS[@]}" > /dev/null <<'PYTHON' || exit 2
+import sys
+import data, models
+name, data_dir, archs = sys.argv[1], sys.argv[2] or None, sys.argv[3:]
+unknown = [a for a in archs if a not in models.ARCHS]
+if unknown:
+    raise SystemExit(f"ARCHS names {' '.join(unknown)}, not a network of models.py: choose from "
+                     f"{' '.join(models.ARCHS)}.")
+data.load_data(name, "test", data_dir)  # a missing or unreadable data set is its one sentence, before any folder
+PYTHON
+if [[ -z $DRY_RUN && $PRESET == @(fmnist|cifar10|imagenet) ]] && (( GPUS == 0 )) && [[ -z ${CPU_OK:-} ]]; then
+  echo "run_all.sh $PRESET is sized for GPUs: ${#ARCHS[@]} network(s) x 2 recipes x 200 epochs at $([[ $PRESET == \
+imagenet ]] && echo 224 || echo 28-32) px, and this machine has no GPU torch can use. On a 2-core CPU it would take" \
+       "$CPU_COST (docs/performance.md). Run it on a GPU machine, or the CPU demo (bash run_all.sh demo); to run it" \
+       "here anyway: CPU_OK=1 bash run_all.sh $PRESET." >&2
+  exit 2
+fi
 
 # --- launcher: with JOBS=1 every GPU serves one run through torchrun; otherwise each run takes one process ------
 if (( GPUS > 1 && JOBS == 1 )); then
@@ -218,19 +208,13 @@ else
   LAUNCH=("$PY"); PER_RUN=1
 fi
 
-# --- the two recipes (README, "The two recipes"); every flag that differs is spelled out here -------------------
-# --lr is per 256 images (pretrain.py scales it by the batch): MoCo-v2's 0.03 at 256 is the small recipe's 0.06 at 512.
+# --- the two recipes: recipes/NAME.args, the preset's flags for that recipe, its batch and split-BN groups ----------
 # Split BN (shuffle BN on one process): BN_GROUP images per group on every process, whatever the number of
 # processes; a process holding BN_GROUP images or fewer is one group, and its keys are shuffled across processes.
 bn_splits() { local per=$(( $1 / PER_RUN )); echo $(( per > BN_GROUP ? per / BN_GROUP : 1 )); }
-BASELINE=(--batch-size $BATCH_BASE --bn-splits $(bn_splits $BATCH_BASE) --lr 0.03 --wd $WD --moco-t 0.2
-          --mlp-hidden 0 --aug $AUG_BASE)                                                   # InfoNCE, asymmetric
-SMALL=(--batch-size $BATCH_SMALL --bn-splits $(bn_splits $BATCH_SMALL) --lr 0.03 --wd $WD --warmup-epochs $WARMUP
-       --moco-t 0.1 --mlp-hidden 2048 --aug $AUG_SMALL --smooth 0.1 --smooth-k 10 --smooth-mode topk
-       --smooth-schedule warmup)                                                            # softened InfoNCE
-# The small-model recipe's loss is symmetric (as in light-moco's runs), except in the CPU demo: there it would halve
-# the recipe's speed (mobilenetv3_large: 263 instead of 513 img/s), more than the demo's budget can carry.
-[[ $PRESET != demo ]] && SMALL+=(--symmetric)
+BASELINE=("${RECIPE_BASELINE[@]}" "${BASELINE[@]}" --batch-size $BATCH_BASELINE
+          --bn-splits $(bn_splits $BATCH_BASELINE))
+SMALL=("${RECIPE_SMALL[@]}" "${SMALL[@]}" --batch-size $BATCH_SMALL --bn-splits $(bn_splits $BATCH_SMALL))
 
 # --- the stages of each job; every command is recorded beside its results -------------------------------------
 sha256() { python3 -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$1"; }
@@ -264,21 +248,32 @@ job_run() {  # ARCH RECIPE SEED: the pretraining (resumed if interrupted), then 
   fi
   [[ -n $DRY_RUN ]] || cp "$run/log.jsonl" "$run/summary.json" "$res/"  # the run's logs beside its results
   done_already "$res/knn.json" "$run/checkpoint.pt" || stage "$res" "$PY" knn_eval.py --ckpt "$run/checkpoint.pt" \
-    "${EVAL[@]}" --k 20 200 --sweep --diagnostics --json "$res/knn.json"
+    "${EVAL[@]}" --k 20 200 --sweep --diagnostics --neighbours "$res/neighbours.png" --json "$res/knn.json"
   done_already "$res/linear.json" "$run/checkpoint.pt" || stage "$res" "$PY" linear_eval.py \
     --ckpt "$run/checkpoint.pt" "${EVAL[@]}" "${LINEAR[@]}" --json "$res/linear.json"
 }
 job_refs() {  # ARCH SEED: the untrained network as initialised, and with the BN statistics of the training images
   local res; res=$(job_dir refs "$@")
   done_already "$res/knn.json" || stage "$res" "$PY" knn_eval.py --arch "$1" --random-init --seed "$2" "${DATA[@]}" \
-    "${NET[@]}" "${EVAL[@]}" --k 20 200 --json "$res/knn.json"
-  done_already "$res/knn_bn.json" || stage "$res" "$PY" knn_eval.py --arch "$1" --random-init --reestimate-bn \
-    --seed "$2" "${DATA[@]}" "${NET[@]}" "${EVAL[@]}" --k 20 200 --json "$res/knn_bn.json"
+    "${NET[@]}" "${EVAL[@]}" --k 20 200 --neighbours "$res/neighbours.png" --json "$res/knn.json"
+  done_already "$res/knn_bn.json" || stage "$res" "$PY" knn_eval.py --arch "$1" --random-init --precise-bn \
+    --seed "$2" "${DATA[@]}" "${NET[@]}" "${EVAL[@]}" --k 20 200 --neighbours "$res/neighbours_bn.png" \
+    --json "$res/knn_bn.json"
+}
+job_done() {  # KIND ARGS...: every stage of the job finished (a rerun skips it, and says so)
+  local res; res=$(job_dir "$@")
+  case $1 in
+    run) grep -qs '"complete": true' "$RUNS/${2}_${3}_s$4/summary.json" &&
+         done_already "$res/knn.json" "$RUNS/${2}_${3}_s$4/checkpoint.pt" &&
+         done_already "$res/linear.json" "$RUNS/${2}_${3}_s$4/checkpoint.pt" ;;
+    refs) done_already "$res/knn.json" && done_already "$res/knn_bn.json" ;;
+    pixels) done_already "$res/knn.json" ;;
+  esac
 }
 job_pixels() {  # raw pixels under the same kNN protocol (the same for every seed: the data do not depend on it)
   local res; res=$(job_dir pixels)
   done_already "$res/knn.json" || stage "$res" "$PY" knn_eval.py --pixels "${DATA[@]}" "${EVAL[@]}" --k 20 200 \
-    --diagnostics --json "$res/knn.json"
+    --diagnostics --neighbours "$res/neighbours.png" --json "$res/knn.json"
 }
 
 # --- the jobs: runs first (the longest), seed by seed; then the references -------------------------------------
@@ -298,7 +293,7 @@ done
 LIST+=("pixels")
 
 where=$( ((GPUS)) && echo "$GPUS GPU(s)" || echo "a CPU of $NPROC cores")
-echo "run_all.sh $PRESET: ${#ARCHS[@]} networks x 2 recipes x $SEEDS seed(s)$([[ -n $SEEDS_ARCHS_GIVEN ]] &&
+echo "run_all.sh $PRESET: ${#ARCHS[@]} network(s) x 2 recipes x $SEEDS seed(s)$([[ -n $SEEDS_ARCHS_GIVEN ]] &&
       echo " (seeds past 0: ${SEEDS_ARCHS[*]})") on $where, $JOBS job(s) at once" \
      "(JOBS=N to change); results in $OUT"
 if [[ -n $DRY_RUN ]]; then
@@ -306,7 +301,7 @@ if [[ -n $DRY_RUN ]]; then
   exit 0
 fi
 mkdir -p "$RUNS" "$OUT"
-rm -f "$OUT/RESULTS.md" "$OUT/results.csv" "$OUT/results.svg"  # written again only if every job succeeds
+rm -f "$OUT/RESULTS.md" "$OUT/results.csv" "$OUT/results.svg" "$OUT/study.json"  # again only if every job succeeds
 START=$SECONDS
 
 # job_env SLOT: the environment of the job in that slot. Several jobs on a CPU divide its cores; on several GPUs
@@ -319,6 +314,7 @@ job_env() {
 if (( JOBS == 1 )); then  # one job at a time, its output on the terminal and in its log
   for job in "${LIST[@]}"; do
     read -ra j <<< "$job"; dir=$(job_dir "${j[@]}"); mkdir -p "$dir"
+    if job_done "${j[@]}"; then echo "== $job: done, skipped"; continue; fi
     echo "== $job -> $dir"
     if ! ( job_env 0; "job_${j[0]}" "${j[@]:1}" ) 2>&1 | tee -ia "$dir/output.log"; then
       echo "run_all.sh: the job '$job' failed (its error is above, and in $dir/output.log)." >&2
@@ -356,6 +352,11 @@ else  # JOBS slots, each job in the background with its output in its own log; a
         fi
         PIDS[slot]=""; running=$((running - 1)); done_jobs=$((done_jobs + 1))
       fi
+      while [[ -z ${PIDS[slot]:-} ]] && (( next < ${#LIST[@]} )); do  # jobs already done take no slot
+        read -ra j <<< "${LIST[next]}"
+        job_done "${j[@]}" || break
+        echo "== ${LIST[next]}: done, skipped"; next=$((next + 1)); done_jobs=$((done_jobs + 1))
+      done
       if [[ -z ${PIDS[slot]:-} ]] && (( next < ${#LIST[@]} )); then
         NAMES[slot]=${LIST[next]}; next=$((next + 1))
         read -ra j <<< "${NAMES[slot]}"; dir=$(job_dir "${j[@]}"); mkdir -p "$dir"
@@ -380,6 +381,13 @@ else  # JOBS slots, each job in the background with its output in its own log; a
 fi
 
 # --- the table: every figure as mean +- sd over the seeds, and the paired differences --------------------------
-"$PY" report.py "$PRESET" "$OUT" "$((SECONDS - START))" --archs "${ARCHS[@]}" --seeds "$SEEDS" \
-  --seeds-archs "${SEEDS_ARCHS[@]}" --invocation "JOBS=$JOBS SEEDS=$SEEDS$([[ -n ${SEEDS_ARCHS_GIVEN:-} ]] &&
-  echo " SEEDS_ARCHS=\"${SEEDS_ARCHS[*]}\"") bash run_all.sh $PRESET"
+# study.json: what this invocation ran, so that `report.py results/PRESET` rebuilds the table from the files alone
+"$PY" - "$OUT/study.json" "$PRESET" "$SEEDS" "$((SECONDS - START))" "JOBS=$JOBS SEEDS=$SEEDS$(
+  [[ -n ${SEEDS_ARCHS_GIVEN:-} ]] && echo " SEEDS_ARCHS=\"${SEEDS_ARCHS[*]}\"") bash run_all.sh $PRESET" \
+  "${ARCHS[*]}" "${SEEDS_ARCHS[*]}" <<'PYTHON'
+import json, sys
+path, preset, seeds, seconds, invocation, archs, seeds_archs = sys.argv[1:]
+json.dump({"preset": preset, "archs": archs.split(), "seeds": int(seeds), "seeds_archs": seeds_archs.split(),
+           "invocation": invocation, "seconds": int(seconds)}, open(path, "w"), indent=2)
+PYTHON
+"$PY" report.py "$OUT"

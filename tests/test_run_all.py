@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-import pretrain
 import report
+import run_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = "mobilenetv3_small_small_s0"
@@ -44,11 +44,12 @@ def test_the_study_writes_one_row_per_recipe_and_seed(finished):
     for r in rows:
         ref = json.load(open(out / f"mobilenetv3_small_random_s{r['seed']}" / "knn.json"))
         ref_bn = json.load(open(out / f"mobilenetv3_small_random_s{r['seed']}" / "knn_bn.json"))
-        assert ref["seed"] == int(r["seed"]) and ref_bn["reestimate_bn"]
-        assert float(r["knn200_random"]) == ref["knn"][1]["top1"]
-        assert float(r["knn200_random_bn"]) == ref_bn["knn"][1]["top1"]
-        assert float(r["knn200_pixels"]) == pixels["knn"][1]["top1"] and pixels["pixels"]
-        assert float(r["knn200_gain"]) == pytest.approx(float(r["knn200"]) - float(r["knn200_random"]), abs=1e-6)
+        assert ref["seed"] == int(r["seed"]) and ref_bn["precise_bn"]
+        assert int(r["knn_k"]) == 64  # k 200 asked, the smoke bank's 64 images used: the table says k 64
+        assert float(r["knn_random"]) == ref["knn"][1]["top1"] and ref["knn"][1]["k"] == 64
+        assert float(r["knn_random_bn"]) == ref_bn["knn"][1]["top1"]
+        assert float(r["knn_pixels"]) == pixels["knn"][1]["top1"] and pixels["pixels"]
+        assert float(r["knn_gain"]) == pytest.approx(float(r["knn"]) - float(r["knn_random"]), abs=1e-6)
         assert 0 <= float(r["linear_top1"]) <= 100 and float(r["images_per_s"]) > 0
     table = (out / "RESULTS.md").read_text()
     for recipe in ("baseline", "small"):  # pretext accuracy, first -> last epoch, mean +- sd over the seeds' logs
@@ -81,8 +82,8 @@ def test_every_command_is_recorded_beside_its_results(finished):
 def test_the_two_recipes_differ_as_the_script_says(finished):
     tmp_path, _ = finished
     runs = tmp_path / "runs" / "smoke"
-    base = pretrain.read_checkpoint(str(runs / "mobilenetv3_small_baseline_s0" / "checkpoint.pt"))["args"]
-    small = pretrain.read_checkpoint(str(runs / "mobilenetv3_small_small_s1" / "checkpoint.pt"))["args"]
+    base = run_state.read_checkpoint(str(runs / "mobilenetv3_small_baseline_s0" / "checkpoint.pt"))["args"]
+    small = run_state.read_checkpoint(str(runs / "mobilenetv3_small_small_s1" / "checkpoint.pt"))["args"]
     assert (base["smooth"], base["moco_t"], base["mlp_hidden"], base["seed"]) == (0.0, 0.2, 0, 0)
     assert (small["smooth"], small["moco_t"], small["mlp_hidden"], small["smooth_k"], small["seed"]) == (0.1, 0.1,
                                                                                                        2048, 10, 1)
@@ -95,8 +96,41 @@ def test_a_rerun_skips_finished_stages(finished):
     proc = study(tmp_path, SEEDS="2", JOBS="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "steps/epoch" not in proc.stdout and "kNN top-1" not in proc.stdout  # nothing trained or evaluated
+    assert proc.stdout.count(": done, skipped") == 7  # and it says so, job by job
     assert ckpt.stat().st_mtime_ns == before
     assert (tmp_path / "results" / "smoke" / "RESULTS.md").exists()
+
+
+def test_the_table_is_rebuilt_from_the_files_alone(finished, tmp_path):
+    """report.py OUT_DIR needs nothing but the study's folder (its study.json names what ran)."""
+    shutil.copytree(finished[0] / "results" / "smoke", tmp_path / "smoke")
+    before = (tmp_path / "smoke" / "RESULTS.md").read_text()
+    (tmp_path / "smoke" / "RESULTS.md").unlink()
+    proc = subprocess.run([sys.executable, "report.py", str(tmp_path / "smoke")], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "smoke" / "RESULTS.md").read_text() == before
+    assert "1 network x 2 recipes" in before and "Linear: a linear classifier on features extracted once" in before
+    assert "the last epoch's top-1" in before
+    proc = subprocess.run([sys.executable, "report.py", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and "study.json does not exist" in proc.stderr
+
+
+def test_mistakes_are_refused_before_any_folder_is_made(tmp_path):
+    """Dry runs and real runs alike check the networks and the data first; a GPU preset on a CPU says what it would
+    cost and stops. Nothing is written under STUDY_DIR."""
+    for env, preset, sentence in (({"ARCHS": "resnet19"}, "smoke", "ARCHS names resnet19, not a network of models.py"),
+                                  ({"DATA_DIR": "/nonexistent"}, "cifar10", "--data-dir /nonexistent is not a "
+                                                                            "directory"),
+                                  ({}, "fmnist", "run_all.sh fmnist is sized for GPUs")):
+        for dry in ("1", ""):
+            proc = study(tmp_path, preset, DRY_RUN=dry, **env)
+            if dry and preset == "fmnist":  # a dry run prints the commands: it costs nothing
+                assert proc.returncode == 0, proc.stderr
+                continue
+            assert proc.returncode == 2 and sentence in proc.stderr, (env, dry, proc.stderr)
+    assert "CPU_OK=1 bash run_all.sh fmnist" in proc.stderr
+    assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "results")
 
 
 def test_a_new_checkpoint_is_evaluated_again(finished, tmp_path):
