@@ -2,13 +2,12 @@
 paper), results.csv (one row per network, recipe and seed) and results.svg (kNN per network and recipe with every
 seed against the references, and the health curves: pretext accuracy and the kNN monitor per epoch).
 
-    python3 report.py PRESET OUT_DIR SECONDS --archs ARCH [ARCH ...] --seeds N [--seeds-archs ARCH ...]
-        [--invocation TEXT]
+    python3 report.py results/demo          # rebuilds the three files from the study's JSON, logs and study.json
 
-Every figure over seeds is mean +- sd (sample standard deviation, n - 1) and n. Comparisons are paired by seed: a
-learned network against its own seed's random init, the small-model recipe against the baseline of the same seed;
-a paired difference counts as beyond the seed spread when a two-sided paired t-test rejects "no difference" at 5%.
-run_all.sh runs it last; SECONDS is how long that invocation of run_all.sh took.
+OUT_DIR/study.json (written by run_all.sh) names the preset, the networks, the seeds and the invocation. Every figure
+over seeds is mean +- sd (sample standard deviation, n - 1) and n. Comparisons are paired by seed: a learned network
+against its own seed's random init, the small-model recipe against the baseline of the same seed; a paired
+difference counts as beyond the seed spread when a two-sided paired t-test rejects "no difference" at 5%.
 """
 import argparse
 import csv
@@ -19,6 +18,9 @@ import platform
 import statistics
 
 import torch
+
+import data
+from evaluation import STALE_BN
 
 RECIPES = ("baseline", "small")
 # two-sided 5% critical values of Student's t for 1..30 degrees of freedom (beyond: the normal's 1.96)
@@ -37,37 +39,56 @@ def read_log(path):
         return [json.loads(line) for line in f]
 
 
-def knn200(results):
-    return next(x["top1"] for x in results["knn"] if x["k"] == 200)
+def knn_top1(results):
+    """The top-1 of the largest k evaluated (run_all.sh asks for 20 and 200; a bank smaller than 200 gives its size,
+    which the results file records)."""
+    return results["knn"][-1]["top1"]
+
+
+def linear_top1(results):
+    """The linear result: the last epoch's top-1, never the epoch picked on the test set (files written before the
+    key "top1" existed call it "last_top1")."""
+    return results["top1"] if "top1" in results else results["last_top1"]
+
+
+def stale_bn(results):
+    """The fraction of initial values still in the BN statistics an evaluation used; 0 with precise BN."""
+    return 0.0 if results.get("precise_bn") else results.get("bn_initial_fraction") or 0.0
 
 
 def collect(out, archs, seeds):
-    """(rows, references, evaluation seconds): one row per network, recipe and seed; the references per network
-    and seed, and the raw pixels' under the key "pixels"."""
+    """(rows, references, evaluation seconds, the raw pixels' knn.json): one row per network, recipe and seed; the
+    references per network and seed, and the raw pixels' under the key "pixels"."""
     pixels = load(f"{out}/pixels/knn.json")
-    refs, rows, eval_s = {"pixels": knn200(pixels)}, [], pixels["seconds"]
+    refs, rows, eval_s = {"pixels": knn_top1(pixels)}, [], pixels["seconds"]
     for seed in sorted({s for arch in archs for s in seeds[arch]}):
         for arch in [a for a in archs if seed in seeds[a]]:
             ref, ref_bn = (load(f"{out}/{arch}_random_s{seed}/{name}.json") for name in ("knn", "knn_bn"))
-            refs[arch, seed] = knn200(ref), knn200(ref_bn)
+            refs[arch, seed] = knn_top1(ref), knn_top1(ref_bn)
             eval_s += ref["seconds"] + ref_bn["seconds"]
             for recipe in RECIPES:
                 run = f"{out}/{arch}_{recipe}_s{seed}"
                 summary, knn, linear = load(f"{run}/summary.json"), load(f"{run}/knn.json"), load(f"{run}/linear.json")
                 eval_s += knn["seconds"] + linear["seconds"]
                 diag = knn["diagnostics"]
-                pretext = [r["epoch_acc"] for r in read_log(f"{run}/log.jsonl") if "epoch_acc" in r]
+                log = read_log(f"{run}/log.jsonl")
+                pretext = [r["epoch_acc"] for r in log if "epoch_acc" in r]
+                emb_std = [r["emb_std"] for r in log if "emb_std" in r]
                 rows.append({"arch": arch, "recipe": recipe, "seed": seed,
                              "backbone_params": summary["backbone_params"], "epochs": summary["epochs"],
                              "steps": summary["steps"], "pretext_first": pretext[0], "pretext_last": pretext[-1],
-                             "instance_acc": diag["instance_accuracy"], "knn200": knn200(knn),
-                             "knn200_random": refs[arch, seed][0], "knn200_random_bn": refs[arch, seed][1],
-                             "knn200_pixels": refs["pixels"], "knn200_gain": knn200(knn) - refs[arch, seed][0],
-                             "linear_top1": linear["best_top1"], "linear_protocol": linear["protocol"],
+                             "emb_std": emb_std[-1] if emb_std else None,
+                             "collapsed_at_step": summary.get("collapsed_at_step"),
+                             "instance_acc": diag["instance_accuracy"], "knn_k": knn["knn"][-1]["k"],
+                             "knn": knn_top1(knn),
+                             "knn_random": refs[arch, seed][0], "knn_random_bn": refs[arch, seed][1],
+                             "knn_pixels": refs["pixels"], "knn_gain": knn_top1(knn) - refs[arch, seed][0],
+                             "precise_bn": bool(knn.get("precise_bn")), "stale_bn": stale_bn(knn),
+                             "linear_top1": linear_top1(linear), "linear_protocol": linear["protocol"],
                              "alignment": diag["alignment_original_view"], "uniformity": diag["uniformity_original"],
                              "images_per_s": summary["images_per_s"], "pretrain_min": summary["wall_s"] / 60,
                              "device": summary["device"], "ckpt_sha256": knn["ckpt_sha256"]})
-    return rows, refs, eval_s, pixels
+    return rows, refs, eval_s, pixels, linear
 
 
 def spread(values, digits=2):
@@ -86,66 +107,132 @@ def paired(diffs):
     return t, abs(t) > critical
 
 
-def markdown(preset, rows, refs, eval_s, seconds, invocation, archs, seeds, pixels):
+def plural(n, word):
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def linear_protocol(linear):
+    """The linear protocol of a linear.json, in words."""
+    what = {"cached-features": "a linear classifier on features extracted once under the evaluation transform (a "
+                               "fast approximation of MoCo's protocol, no training augmentation)",
+            "moco-linear": "MoCo's linear protocol (frozen backbone, crop + flip training views)"}[linear["protocol"]]
+    steps = " and ".join(str(e) for e in linear["schedule"])
+    return (f"{what}, SGD lr {linear['lr']:g}, {linear['epochs']} epochs, lr x0.1 at epoch {steps}; the last epoch's "
+            f"top-1 on the test images (not an epoch picked on them)")
+
+
+def markdown(study, rows, refs, eval_s, pixels, linear, seeds):
+    archs = study["archs"]
+
     def sel(arch, recipe):
         return [r for r in rows if r["arch"] == arch and r["recipe"] == recipe]
+
+    def mark(r):
+        return " †" if r["stale_bn"] > STALE_BN else ""
 
     pretrain_s = sum(r["pretrain_min"] * 60 for r in rows)
     machine = (torch.cuda.get_device_name() if torch.cuda.is_available()
                else f"{platform.processor() or 'CPU'}, {os.cpu_count()} cores")
     counts = sorted({len(s) for s in seeds.values()})
     seeded = ", ".join(f"{a} {len(seeds[a])}" for a in archs) if len(counts) > 1 else f"{counts[0]} each"
-    lines = [f"# run_all.sh {preset}: results", "",
-             f"`{invocation}`: {len(archs)} networks x 2 recipes; seeds per network: {seeded}. "
-             f"Machine: {machine}; torch {torch.__version__}. This invocation took {seconds / 60:.1f} min; the "
-             f"stages' own times sum to {(pretrain_s + eval_s) / 60:.1f} min (pretraining {pretrain_s / 60:.1f}, "
-             f"evaluation {eval_s / 60:.1f}; resumed runs included).", "",
+    bn = ("precise BN: every checkpoint's BN statistics re-estimated on the bank's training images" if
+          all(r["precise_bn"] for r in rows) else "each checkpoint's own BN running statistics" if
+          not any(r["precise_bn"] for r in rows) else "precise BN where the run's knn.json says so")
+    took = (f" This invocation took {study['seconds'] / 60:.1f} min; the stages' own times sum to "
+            f"{(pretrain_s + eval_s) / 60:.1f} min (pretraining {pretrain_s / 60:.1f}, evaluation {eval_s / 60:.1f}; "
+            f"resumed runs included)." if study.get("seconds") is not None else "")
+    lines = [f"# run_all.sh {study['preset']}: results", "",
+             f"`{study['invocation']}`: {plural(len(archs), 'network')} x 2 recipes; seeds per network: {seeded}. "
+             f"Machine: {machine}; torch {torch.__version__}.{took}" + (f" {study['notes']['study']}" if
+                                                                         study["notes"].get("study") else ""),
+             "", "![kNN per network and recipe, and the health curves](results.svg)", "",
              f"Figures over seeds are mean ± sd (n = the network's seeds; one seed: the value alone). kNN: weighted, "
-             f"k 200, T 0.1, on the backbone's pooled features, bank and queries as each run's knn.json says. "
-             f"References under the same protocol: random init = the same network untrained (its seed's "
-             f"initialisation); random, BN of data = the same, its BN statistics set to the training images'; raw "
-             f"pixels = the normalised images themselves ({refs['pixels']:.2f}). Gain = learned minus its own seed's "
-             f"random init. Pretext acc: how often the positive key beats all K queue entries, mean over the first "
-             f"and the last epoch; while the lr is high it is inflated by the queue's stale keys, so read it with "
-             f"instance acc: the trained network, frozen, ranks each image's own {pixels['diagnostics']['aug']} view "
-             f"above the originals of the {pixels['diagnostics']['n_images'] - 1} other images of a fixed set (as "
-             f"ssl-small; raw pixels: {pixels['diagnostics']['instance_accuracy']:.1f}). Linear: "
-             f"{rows[0]['linear_protocol']}.", "",
-             "## References", "",
-             "| network | params | seeds | kNN random init | kNN random, BN of data | kNN raw pixels |",
-             "|---|---|---|---|---|---|"]
+             f"k {rows[0]['knn_k']}, T 0.1, on the backbone's pooled features with {bn}, bank and queries as each "
+             f"run's knn.json says. References under the same protocol: random init = the same network untrained (its "
+             f"seed's initialisation); random, BN of data = the same, its BN statistics set to the training images'; "
+             f"raw pixels = the normalised images themselves ({refs['pixels']:.2f}). Gain = learned minus its own "
+             f"seed's random init. Pretext acc: how often the positive key beats all K queue entries, mean over the "
+             f"first and the last epoch; while the lr is high it is inflated by the queue's stale keys, so read it "
+             f"with instance acc: the trained network, frozen, ranks each image's own {pixels['diagnostics']['aug']} "
+             f"view above the originals of the {pixels['diagnostics']['n_images'] - 1} other images of a fixed set "
+             f"(as ssl-small; raw pixels: {pixels['diagnostics']['instance_accuracy']:.1f}). emb_std: the spread of "
+             f"the queries over the last logged steps (about {1 / math.sqrt(128):.3f} when 128-d embeddings spread "
+             f"evenly, 0 when they collapse). Linear: {linear_protocol(linear)}.", ""]
+    if any(r["stale_bn"] > STALE_BN for r in rows):
+        lines += [f"† Evaluated with BN running statistics that still hold more than {STALE_BN:.0%} of their initial "
+                  f"values: not the trained network's features (re-evaluate with --precise-bn).", ""]
+    if any(r["collapsed_at_step"] for r in rows):
+        lines += ["‡ pretrain.py warned that the run looked collapsed at the step given (its log.jsonl and "
+                  "output.log say why).", ""]
+    lines += ["## References", "",
+              "| network | params | seeds | kNN random init | kNN random, BN of data | kNN raw pixels |",
+              "|---|---|---|---|---|---|"]
     for arch in archs:
         lines.append(f"| {arch} | {sel(arch, 'small')[0]['backbone_params'] / 1e6:.2f}M | {len(seeds[arch])} | "
                      f"{spread([refs[arch, s][0] for s in seeds[arch]])} | "
                      f"{spread([refs[arch, s][1] for s in seeds[arch]])} | {refs['pixels']:.2f} |")
-    columns = ["network", "recipe", "seeds", "epochs", "pretext acc first -> last", "instance acc", "kNN learned",
-               "gain over random init", "minus raw pixels", "linear top-1", "alignment", "uniformity", "img/s",
-               "pretrain min"]
+    columns = ["network", "recipe", "seeds", "epochs", "pretext acc first -> last", "instance acc", "emb_std",
+               "kNN learned", "gain over random init", "minus raw pixels", "linear top-1", "alignment", "uniformity",
+               "img/s", "pretrain min"]
     lines += ["", "## Pretrained networks", "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for arch in archs:
         for recipe in RECIPES:
             rs = sel(arch, recipe)
             col = {k: [r[k] for r in rs] for k in rs[0] if isinstance(rs[0][k], (int, float))}
+            emb = [r["emb_std"] for r in rs if r["emb_std"] is not None]
+            collapsed = [f"‡ {r['collapsed_at_step']}" for r in rs if r["collapsed_at_step"]]
             lines.append(f"| {arch} | {recipe} | {len(rs)} | {rs[0]['epochs']:g} | "
                          f"{spread(col['pretext_first'], 1)} -> {spread(col['pretext_last'], 1)} | "
                          f"{spread(col['instance_acc'], 1)} | "
-                         f"{spread(col['knn200'])} | {spread(col['knn200_gain'])} | "
-                         f"{spread([v - refs['pixels'] for v in col['knn200']])} | {spread(col['linear_top1'])} | "
-                         f"{spread(col['alignment'], 3)} | {spread(col['uniformity'], 3)} | "
-                         f"{spread(col['images_per_s'], 0)} | {spread(col['pretrain_min'], 1)} |")
+                         f"{(spread(emb, 3) if emb else '-') + ''.join(' ' + c for c in collapsed)} | "
+                         f"{spread(col['knn'])}{''.join(dict.fromkeys(mark(r) for r in rs))} | "
+                         f"{spread(col['knn_gain'])} | {spread([v - refs['pixels'] for v in col['knn']])} | "
+                         f"{spread(col['linear_top1'])} | {spread(col['alignment'], 3)} | "
+                         f"{spread(col['uniformity'], 3)} | {spread(col['images_per_s'], 0)} | "
+                         f"{spread(col['pretrain_min'], 1)} |")
     lines += ["", "## Small-model recipe minus baseline, paired by seed", "",
               "| network | kNN, per seed | kNN mean ± sd | paired t | beyond the seed spread | linear, per seed | "
               "linear mean ± sd |", "|---|---|---|---|---|---|---|"]
     for arch in archs:
         base, small = sel(arch, "baseline"), sel(arch, "small")
-        knn = [s["knn200"] - b["knn200"] for b, s in zip(base, small)]
-        linear = [s["linear_top1"] - b["linear_top1"] for b, s in zip(base, small)]
+        knn = [s["knn"] - b["knn"] for b, s in zip(base, small)]
+        linear_diff = [s["linear_top1"] - b["linear_top1"] for b, s in zip(base, small)]
         t, beyond = paired(knn)
         lines.append(f"| {arch} | {' / '.join(f'{d:+.2f}' for d in knn)} | {spread(knn)} | "
                      f"{'-' if t is None else f'{t:+.1f}'} | "
                      f"{'one seed: not measured' if beyond is None else 'yes' if beyond else 'no'} | "
-                     f"{' / '.join(f'{d:+.2f}' for d in linear)} | {spread(linear)} |")
+                     f"{' / '.join(f'{d:+.2f}' for d in linear_diff)} | {spread(linear_diff)} |")
+    lines += neighbours_section(study, rows, archs)
     return "\n".join(lines) + "\n"
+
+
+def neighbours_section(study, rows, archs):
+    """Markdown: the neighbours pictures of seed 0 side by side (raw pixels, random init, baseline, small-model
+    recipe) for the network whose recipe effect on kNN is largest, with the share of same-class neighbours and,
+    from OUT/notes.json's "neighbours", one sentence each written by whoever looked at them."""
+    effect = {a: statistics.mean(s["knn"] - b["knn"] for b, s in zip(
+        [r for r in rows if r["arch"] == a and r["recipe"] == "baseline"],
+        [r for r in rows if r["arch"] == a and r["recipe"] == "small"])) for a in archs}
+    arch = max(archs, key=lambda a: abs(effect[a]))
+    panels = {"pixels": ("raw pixels", "pixels/knn.json", "pixels/neighbours.png"),
+              "random": ("random init", f"{arch}_random_s0/knn.json", f"{arch}_random_s0/neighbours.png"),
+              "baseline": ("baseline", f"{arch}_baseline_s0/knn.json", f"{arch}_baseline_s0/neighbours.png"),
+              "small": ("small-model recipe", f"{arch}_small_s0/knn.json", f"{arch}_small_s0/neighbours.png")}
+    if not all(os.path.exists(os.path.join(study["out"], png)) for _, _, png in panels.values()):
+        return []  # a study from before knn_eval.py drew them
+    notes = study.get("notes", {}).get("neighbours", {})
+    shown = {k: load(os.path.join(study["out"], knn))["neighbours"] for k, (_, knn, _) in panels.items()}
+    return ["", f"## What the features find: {arch}, seed 0", "",
+            f"{arch} is the network whose recipe effect on kNN is largest ({effect[arch]:+.2f} points). Each picture "
+            f"shows the same {len(shown['pixels']['queries'])} test images (the first two of each class, left column) "
+            f"and the {len(shown['pixels']['nearest'][0])} training images nearest to each under that column's "
+            f"features, framed green when they have the "
+            f"query's class and red when not (`knn_eval.py --neighbours`).", "",
+            "| " + " | ".join(title for title, _, _ in panels.values()) + " |", "|---|---|---|---|",
+            "| " + " | ".join(f"![{title}]({png})" for title, _, png in panels.values()) + " |",
+            "| " + " | ".join(f"{shown[k]['same_class']:.0%} of the neighbours share their query's class"
+                              for k in panels) + " |"] \
+        + (["| " + " | ".join(notes.get(k, "") for k in panels) + " |"] if notes else [])
 
 
 # ----- the figure, as SVG: no plotting package needed ------------------------------------------------------------
@@ -153,29 +240,38 @@ def markdown(preset, rows, refs, eval_s, seconds, invocation, archs, seeds, pixe
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 
 
-class Panel:
-    """A plot area of an SVG: data coordinates to pixels, axes with ticks, and the shapes drawn in it."""
+def nice_ticks(low, high, count=6):
+    """Round tick values inside [low, high], about `count` of them: steps of 1, 2, 2.5 or 5 times a power of ten."""
+    raw = (high - low) / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    first = math.ceil(low / step) * step
+    return [round(first + i * step, 10) for i in range(int((high - first) / step + 1e-9) + 1)]
 
-    def __init__(self, left, top, width, height, xlim, ylim, title, xlabel, ylabel):
+
+class Panel:
+    """A plot area of an SVG: data coordinates to pixels, axes with round ticks, and the shapes drawn in it."""
+
+    def __init__(self, left, top, width, height, xlim, ylim, title, ylabel):
         self.box, self.xlim, self.ylim, self.parts = (left, top, width, height), xlim, ylim, []
-        ticks = [ylim[0] + i * (ylim[1] - ylim[0]) / 5 for i in range(6)]
         self.parts += [f'<rect x="{left}" y="{top}" width="{width}" height="{height}" fill="none" stroke="#444"/>',
                        f'<text x="{left + width / 2}" y="{top - 8}" text-anchor="middle" font-size="13">{title}</text>',
-                       f'<text x="{left + width / 2}" y="{top + height + 34}" text-anchor="middle">{xlabel}</text>',
-                       f'<text transform="translate({left - 42},{top + height / 2}) rotate(-90)" '
+                       f'<text transform="translate({left - 40},{top + height / 2}) rotate(-90)" '
                        f'text-anchor="middle">{ylabel}</text>']
-        for v in ticks:
+        for v in nice_ticks(*ylim):
             y = self.y(v)
             self.parts.append(f'<line x1="{left - 4}" y1="{y:.1f}" x2="{left}" y2="{y:.1f}" stroke="#444"/>'
-                              f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{v:.3g}</text>')
+                              f'<line x1="{left}" y1="{y:.1f}" x2="{left + width}" y2="{y:.1f}" stroke="#eee"/>'
+                              f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{v:g}</text>')
 
-    def xticks(self, values):
-        _, top, _, height = self.box
+    def xticks(self, values, label):
+        left, top, width, height = self.box
         for v in values:
             x = self.x(v)
             self.parts.append(f'<line x1="{x:.1f}" y1="{top + height}" x2="{x:.1f}" y2="{top + height + 4}" '
                               f'stroke="#444"/><text x="{x:.1f}" y="{top + height + 16}" text-anchor="middle">{v:g}'
                               f'</text>')
+        self.parts.append(f'<text x="{left + width / 2}" y="{top + height + 32}" text-anchor="middle">{label}</text>')
 
     def x(self, v):
         left, _, width, _ = self.box
@@ -187,14 +283,18 @@ class Panel:
 
     def line(self, points, colour, dashed=False, width=1.5, opacity=1.0):
         path = " ".join(f"{self.x(a):.1f},{self.y(b):.1f}" for a, b in points)
-        dash = ' stroke-dasharray="5,3"' if dashed else ""
-        self.parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="{width}" '
-                          f'stroke-opacity="{opacity}"{dash}/>')
+        self.parts.append(svg_line(path, colour, dashed, width, opacity))
 
     def dots(self, points, colour, opacity=1.0):
         for a, b in points:
             self.parts.append(f'<circle cx="{self.x(a):.1f}" cy="{self.y(b):.1f}" r="2" fill="{colour}" '
                               f'fill-opacity="{opacity}"/>')
+
+
+def svg_line(path, colour, dashed=False, width=1.5, opacity=1.0):
+    dash = ' stroke-dasharray="5,3"' if dashed else ""
+    return (f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="{width}" '
+            f'stroke-opacity="{opacity}"{dash}/>')
 
 
 def limits(values, pad=0.05):
@@ -203,76 +303,96 @@ def limits(values, pad=0.05):
     return low - margin, high + margin
 
 
+def legend(x, y, entries):
+    """Legend rows at (x, y): each a (mark, text) pair, mark being SVG drawn in a 24 x 12 box at the origin."""
+    parts = []
+    for i, (mark, text) in enumerate(entries):
+        parts.append(f'<g transform="translate({x},{y + 16 * i})">{mark}<text x="30" y="10">{text}</text></g>')
+    return parts
+
+
 def figure(rows, refs, out, archs, seeds, path):
-    """results.svg: kNN per network and recipe (bars: mean; dots: seeds) against random init (black tick: mean) and
-    raw pixels (dashed line); pretext accuracy and the kNN monitor per epoch for every run."""
+    """results.svg: kNN per network and recipe (bars: mean over seeds; dots: one per seed) against its random init
+    (black line: mean over seeds) and raw pixels (dashed line); pretext accuracy and the kNN monitor per epoch, one
+    line per run."""
     curves = {}
     for r in rows:
         log = read_log(f"{out}/{r['arch']}_{r['recipe']}_s{r['seed']}/log.jsonl")
         curves[r["arch"], r["recipe"], r["seed"]] = {key: [(x["epoch"], x[key]) for x in log if key in x]
                                                      for key in ("epoch_acc", "knn_top1")}
-    values = [r["knn200"] for r in rows] + [refs[a, s][0] for a in archs for s in seeds[a]] + [refs["pixels"]]
-    bars = Panel(60, 30, 420, 260, (0, len(archs)), limits(values, 0.15), "kNN top-1 (%), k 200",
-                 "dark: small recipe; light: baseline; black: random init; dashed: raw pixels", "kNN top-1 (%)")
+    values = [r["knn"] for r in rows] + [refs[a, s][0] for a in archs for s in seeds[a]] + [refs["pixels"]]
+    bars = Panel(60, 40, 440, 250, (0, len(archs)), limits(values, 0.15),
+                 f"kNN top-1 (%), k {rows[0]['knn_k']}", "kNN top-1 (%)")
     for i, arch in enumerate(archs):
         for j, recipe in enumerate(RECIPES):
-            knn = [r["knn200"] for r in rows if r["arch"] == arch and r["recipe"] == recipe]
+            knn = [r["knn"] for r in rows if r["arch"] == arch and r["recipe"] == recipe]
             x0, top, base = bars.x(i + 0.12 + 0.38 * j), bars.y(statistics.mean(knn)), bars.y(bars.ylim[0])
             bars.parts.append(f'<rect x="{x0:.1f}" y="{top:.1f}" width="{bars.x(0.36) - bars.x(0):.1f}" '
                               f'height="{base - top:.1f}" fill="{COLOURS[i % 8]}" '
                               f'fill-opacity="{0.9 if recipe == "small" else 0.35}"/>')
             for v in knn:
                 bars.parts.append(f'<circle cx="{x0 + (bars.x(0.18) - bars.x(0)):.1f}" cy="{bars.y(v):.1f}" r="2.5" '
-                                  f'fill="black"/>')
+                                  f'fill="white" stroke="black"/>')
         mean_ref = statistics.mean(refs[arch, s][0] for s in seeds[arch])
         bars.line([(i + 0.06, mean_ref), (i + 0.94, mean_ref)], "black", width=2.5)
-        bars.parts.append(f'<text x="{bars.x(i + 0.5):.1f}" y="{bars.y(bars.ylim[0]) + 14:.1f}" '
-                          f'text-anchor="middle" font-size="9">{arch}</text>')
+        x, y = bars.x(i + 0.5), bars.y(bars.ylim[0]) + 12
+        bars.parts.append(f'<text transform="translate({x:.1f},{y:.1f}) rotate(-20)" text-anchor="end" '
+                          f'font-size="10">{arch}</text>')
     bars.line([(0, refs["pixels"]), (len(archs), refs["pixels"])], "#444", dashed=True)
+    bars.parts += legend(60, 352, [
+        ('<rect width="11" height="12" fill="#888" fill-opacity="0.35"/><rect x="12" width="11" height="12" '
+         'fill="#888" fill-opacity="0.9"/>', "bars: baseline (light), small-model recipe (dark); mean over seeds"),
+        ('<circle cx="12" cy="6" r="2.5" fill="white" stroke="black"/>', "one seed's run"),
+        (svg_line("0,6 24,6", "black", width=2.5), "the network untrained (random init), mean over seeds"),
+        (svg_line("0,6 24,6", "#444", dashed=True), f"raw pixels ({refs['pixels']:.2f})")])
     panels = [bars]
-    for left, key, title in ((560, "epoch_acc", "pretext accuracy, epoch mean (%)"),
-                             (1000, "knn_top1", "kNN monitor top-1 (%)")):
+    for left, key, title in ((580, "epoch_acc", "pretext accuracy, epoch mean (%)"),
+                             (1020, "knn_top1", "kNN monitor top-1 (%)")):
         points = [p for c in curves.values() for p in c[key]]
         if not points:  # the imagenet preset runs no kNN monitor
             continue
-        panel = Panel(left, 30, 380, 260, limits([p[0] for p in points], 0.02), limits([p[1] for p in points]),
-                      title, "epoch (solid: small-model recipe; dashed: baseline)", "%")
-        panel.xticks(sorted({p[0] for p in points}))
+        panel = Panel(left, 40, 370, 250, limits([p[0] for p in points], 0.02), limits([p[1] for p in points]),
+                      title, "%")
+        panel.xticks(sorted({p[0] for p in points}), "epoch")
         for (arch, recipe, seed), c in curves.items():
             if c[key]:
-                colour, opacity = COLOURS[archs.index(arch) % 8], 1.0 if seed == 0 else 0.45
+                colour, opacity = COLOURS[archs.index(arch) % 8], 1.0 if seed == 0 else 0.35
                 panel.line(c[key], colour, dashed=recipe == "baseline", opacity=opacity)
                 panel.dots(c[key], colour, opacity)
         panels.append(panel)
-    legend = [f'<text x="{560 + 150 * i}" y="368" fill="{COLOURS[i % 8]}" font-size="12">{arch}</text>'
-              for i, arch in enumerate(archs)]
-    body = "\n".join(part for p in panels for part in p.parts) + "\n" + "\n".join(legend)
+    several = any(len(s) > 1 for s in seeds.values())
+    lines = legend(580, 352, [(svg_line("0,6 24,6", "#555"), "small-model recipe"),
+                              (svg_line("0,6 24,6", "#555", dashed=True), "baseline"),
+                              ("", "one line per run" + ("; seed 0 dark, the other seeds light" if several else ""))])
+    lines += legend(1010, 352, [(svg_line("0,6 24,6", COLOURS[i % 8], width=3), arch) for i, arch in enumerate(archs)])
+    body = "\n".join(part for p in panels for part in p.parts) + "\n" + "\n".join(lines)
     with open(path, "w") as f:
-        f.write(f'<svg xmlns="http://www.w3.org/2000/svg" width="1420" height="380" font-family="sans-serif" '
+        f.write(f'<svg xmlns="http://www.w3.org/2000/svg" width="1420" height="440" font-family="sans-serif" '
                 f'font-size="11">\n<rect width="100%" height="100%" fill="white"/>\n{body}\n</svg>\n')
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("preset")
-    p.add_argument("out", help="results/<preset>: the folder the study's jobs wrote")
-    p.add_argument("seconds", type=int, help="how long the invocation of run_all.sh took")
-    p.add_argument("--archs", nargs="+", required=True)
-    p.add_argument("--seeds", type=int, default=1, help="seeds 0 .. N-1")
-    p.add_argument("--seeds-archs", nargs="*", help="the networks with every seed (default: all); the others: 0")
-    p.add_argument("--invocation", default="bash run_all.sh", help="the command the table comes from")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
+    p.add_argument("out", help="results/<preset>: the folder the study's jobs wrote, with its study.json")
     args = p.parse_args(argv)
-    seeds = {arch: list(range(args.seeds)) if arch in (args.seeds_archs or args.archs) else [0] for arch in args.archs}
-    rows, refs, eval_s, pixels = collect(args.out, args.archs, seeds)
+    study_file = os.path.join(args.out, "study.json")
+    if not os.path.isfile(study_file):
+        raise SystemExit(f"{study_file} does not exist: pass the results/<preset> folder of a study run_all.sh ran.")
+    study = load(study_file)
+    study["out"] = args.out
+    notes_file = os.path.join(args.out, "notes.json")  # sentences written by hand after looking at the results
+    study["notes"] = load(notes_file) if os.path.isfile(notes_file) else {}
+    seeds = {arch: list(range(study["seeds"])) if arch in study["seeds_archs"] else [0] for arch in study["archs"]}
+    rows, refs, eval_s, pixels, linear = collect(args.out, study["archs"], seeds)
     with open(f"{args.out}/results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    table = markdown(args.preset, rows, refs, eval_s, args.seconds, args.invocation, args.archs, seeds, pixels)
+    table = markdown(study, rows, refs, eval_s, pixels, linear, seeds)
     with open(f"{args.out}/RESULTS.md", "w") as f:
         f.write(table)
     print(table, end="")
-    figure(rows, refs, args.out, args.archs, seeds, f"{args.out}/results.svg")
+    figure(rows, refs, args.out, study["archs"], seeds, f"{args.out}/results.svg")
     print(f"figure: {args.out}/results.svg")
 
 

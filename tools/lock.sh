@@ -14,7 +14,7 @@ python3 -m venv "$tmp/venv"
 "$tmp/venv/bin/python" -m pip install --isolated --disable-pip-version-check -q -r requirements.txt
 {
   echo "# Written by tools/lock.sh from requirements.txt on $(date -u +%Y-%m-%d), $(uname -s) $(uname -m)," \
-       "$("$tmp/venv/bin/python" -c 'import platform; print(platform.python_implementation(), platform.python_version())')."
+       "$("$tmp/venv/bin/python" -c 'import platform as p; print(p.python_implementation(), p.python_version())')."
   echo "# Every package pinned exactly; run_all.sh installs this file into .venv. Do not edit: rerun tools/lock.sh."
   "$tmp/venv/bin/python" -m pip freeze --isolated --all --exclude pip
 } > requirements.lock

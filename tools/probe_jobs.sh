@@ -25,7 +25,8 @@ command_for() {
 failed() { echo "probe_jobs.sh: a pretraining failed; the end of its output:" >&2; tail -n 15 "$@" >&2; exit 1; }
 echo "CPU: $(lscpu | sed -n 's/^Model name: *//p'), $NPROC cores; $STEPS steps of the demo's baseline pretraining"
 echo
-echo "| network | JOBS=1: img/s ($NPROC threads) | wall s | JOBS=2: img/s, sum of two ($HALF thread(s) each) | wall s | JOBS=2 / JOBS=1 |"
+echo "| network | JOBS=1: img/s ($NPROC threads) | wall s | JOBS=2: img/s, sum of two ($HALF thread(s) each) |" \
+     "wall s | JOBS=2 / JOBS=1 |"
 echo "|---|---|---|---|---|---|"
 for arch in "${ARCHS[@]}"; do
   cmd=$(command_for "$arch")
@@ -43,6 +44,7 @@ for arch in "${ARCHS[@]}"; do
   for seed in 0 1; do wait "${pids[seed]}" || failed "$tmp/two_$seed.log"; done
   two_wall=$((SECONDS - start)); a=$(rate "$tmp/two_${arch}_0"); b=$(rate "$tmp/two_${arch}_1")
   python3 -c "import sys; arch, one, ow, a, b, tw = sys.argv[1:]; one, a, b = int(one), int(a), int(b)
-print(f'| {arch} | {one} | {ow} | {a + b} ({a} + {b}) | {tw} | {(a + b) / one:.2f}x, wall {2 * int(ow) / int(tw):.2f}x |')" \
+print(f'| {arch} | {one} | {ow} | {a + b} ({a} + {b}) | {tw} |',
+      f'{(a + b) / one:.2f}x, wall {2 * int(ow) / int(tw):.2f}x |')" \
     "$arch" "$one" "$one_wall" "$a" "$b" "$two_wall"
 done
