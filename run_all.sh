@@ -29,7 +29,8 @@ set -euo pipefail
 shopt -s extglob
 cd "$(dirname "$0")"
 DEMO_COST="about 45 min on a 2-core CPU at one seed"  # from the measured stages of results/demo: docs/performance.md
-CPU_COST="weeks"  # PLACEHOLDER until measured
+# the fmnist study's ten pretrainings at bench.py's small-stem speed on a 2-core CPU: docs/performance.md
+CPU_COST="about 100 days for fmnist's alone"
 # what the user gave, checked before the (slow) set-up
 SEEDS=${SEEDS:-1}
 [[ $SEEDS =~ ^[1-9][0-9]*$ ]] || { echo "SEEDS=$SEEDS is not a number of seeds (1, 2, ...)." >&2; exit 2; }
