@@ -225,6 +225,16 @@ def load_pretrained(path, encoder="query"):
     return backbone.eval(), head.eval(), feat_dim, args
 
 
+def load_teacher(path, moco_dim):
+    """DisCo's frozen teacher: the query encoder (backbone and head) of a pretrain.py checkpoint, in eval mode, its
+    embeddings as wide as the student's (moco_dim)."""
+    backbone, head, _, saved = load_pretrained(path)
+    if saved.get("moco_dim", 128) != moco_dim:
+        raise SystemExit(f"the teacher {path} embeds in {saved['moco_dim']} dimensions, the student in {moco_dim}: "
+                         f"pass --moco-dim {saved['moco_dim']}.")
+    return nn.Sequential(backbone, head).eval().requires_grad_(False)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Backbones: each architecture as a table of its paper, read by one builder
 # ---------------------------------------------------------------------------------------------------------------

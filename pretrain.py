@@ -26,7 +26,7 @@ import data
 import run_state
 from evaluation import knn_monitor
 from losses import SMOOTH_MODES, SMOOTH_SCHEDULES, contrastive_accuracy, distill_loss, smooth_eps, soft_info_nce
-from models import ARCHS, MoCo, load_pretrained
+from models import ARCHS, MoCo, load_teacher
 
 
 def parser():
@@ -175,7 +175,7 @@ def run(args, argv):
     raw, model, optimizer, scaler, autocast, step = prepare_model(args, ckpt, files.ckpt_path, device, rank, world,
                                                                   ddp, aug_gen)
     wall_before = ckpt["wall_s"] if ckpt else 0.0  # seconds the steps of a resumed checkpoint took
-    teacher = load_teacher(args, device)
+    teacher = load_teacher(args.teacher, args.moco_dim).to(device) if args.teacher else None  # DisCo
     knn_sets = ([data.load_data(args.data, split, args.data_dir, args.knn_subset, args.seed)
                  for split in ("train", "test")] if args.knn_every and master else None)
 
@@ -300,16 +300,6 @@ def prepare_model(args, ckpt, ckpt_path, device, rank, world, ddp, aug_gen):
         torch.backends.cudnn.benchmark = True  # every step has the same shapes: pick the fastest kernels once
     model = run_state.wrap_ddp(raw, device) if ddp else raw
     return raw, model, optimizer, scaler, autocast, step
-
-
-def load_teacher(args, device):
-    if not args.teacher:
-        return None
-    backbone, head, _, saved = load_pretrained(args.teacher)
-    if saved.get("moco_dim", 128) != args.moco_dim:
-        raise SystemExit(f"the teacher {args.teacher} embeds in {saved['moco_dim']} dimensions, the student in "
-                         f"{args.moco_dim}: pass --moco-dim {saved['moco_dim']}.")
-    return torch.nn.Sequential(backbone, head).to(device).eval().requires_grad_(False)
 
 
 if __name__ == "__main__":

@@ -255,6 +255,20 @@ def test_bad_inputs_end_with_one_sentence_and_keep_the_checkpoint(tmp_path):
         run(tmp_path, "--arch", "vgg16", name="k")
 
 
+def test_distillation_from_a_frozen_teacher(tmp_path):
+    """DisCo: a checkpoint this project wrote teaches a student (its query encoder, frozen); a teacher whose
+    embeddings differ in width is one sentence."""
+    teacher, _ = run(tmp_path, "--aug-backend", "batched", "--max-steps", "2", name="teacher")
+    path = os.path.join(teacher, "checkpoint.pt")
+    before = open(path, "rb").read()
+    out, _ = run(tmp_path, "--aug-backend", "batched", "--max-steps", "2", "--teacher", path, name="student")
+    assert open(path, "rb").read() == before
+    losses = [json.loads(line)["loss"] for line in open(os.path.join(out, "log.jsonl")) if '"loss"' in line]
+    assert losses and all(math.isfinite(v) for v in losses)
+    with pytest.raises(SystemExit, match="embeds in 128 dimensions, the student in 64: pass --moco-dim 128"):
+        run(tmp_path, "--aug-backend", "batched", "--teacher", path, "--moco-dim", "64", name="narrow")
+
+
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     out, _ = run(tmp_path, "--aug-backend", "batched", "--max-steps", "4")
     good = open(os.path.join(out, "checkpoint.pt"), "rb").read()

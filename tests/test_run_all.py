@@ -232,3 +232,23 @@ def test_split_bn_keeps_groups_of_64_images_whatever_the_number_of_processes(bat
     proc = subprocess.run(["bash", "-c", f"{function}\nPER_RUN={per_run}; BN_GROUP=64; bn_splits {batch}"],
                           capture_output=True, text=True)
     assert proc.stdout.strip() == str(splits), proc.stderr
+
+
+def test_figure_ticks_are_round_numbers():
+    assert report.nice_ticks(52.7, 80.4) == [55, 60, 65, 70, 75, 80]
+    assert report.nice_ticks(1.4, 14.6) == [2.5, 5, 7.5, 10, 12.5]
+    assert report.nice_ticks(54.3, 76.1) == [55, 60, 65, 70, 75]
+
+
+def test_the_figure_has_a_legend_for_every_mark(finished):
+    svg = (finished[0] / "results" / "smoke" / "results.svg").read_text()
+    for mark in ("bars: baseline (light), small-model recipe (dark)", "one seed's run", "random init",
+                 "raw pixels (", "small-model recipe</text>", "baseline</text>",
+                 "one line per run; seed 0 dark, the other seeds light", "mobilenetv3_small</text>"):
+        assert mark in svg, mark
+    assert 'rotate(-20)" text-anchor="end" font-size="10">mobilenetv3_small' in svg  # labels slanted: no collisions
+
+
+def test_the_smoke_preset_results_are_not_tracked():
+    proc = subprocess.run(["git", "check-ignore", "-q", "results/smoke/RESULTS.md"], cwd=ROOT)
+    assert proc.returncode == 0, "results/smoke/ must be git-ignored: a smoke study claims nothing"
