@@ -301,6 +301,20 @@ if [[ -n $DRY_RUN ]]; then
   for job in "${LIST[@]}"; do read -ra j <<< "$job"; echo "# $job"; "job_${j[0]}" "${j[@]:1}"; done
   exit 0
 fi
+# Results without their checkpoints (a fresh clone's tracked study, run elsewhere) are not this study's to resume:
+# replaced when git can restore them, else left alone with one sentence, never mixed with new runs.
+if [[ ! -d $RUNS && -n $(ls -A "$OUT" 2>/dev/null) ]]; then
+  if [[ -n $(git -C "$OUT" ls-files . 2>/dev/null) ]] && git -C "$OUT" diff --quiet HEAD -- . 2>/dev/null &&
+     [[ -z $(git -C "$OUT" ls-files --others --exclude-standard . 2>/dev/null) ]]; then
+    echo "run_all.sh: $OUT holds the tracked $PRESET study, whose checkpoints are not in $RUNS: this study replaces" \
+         "it (git diff compares the two afterwards; git checkout -- $OUT restores it)."
+    rm -rf "$OUT"
+  else
+    echo "run_all.sh: $OUT holds results whose checkpoints are not in $RUNS, so they cannot be resumed: move them" \
+         "away (or set STUDY_DIR) to start a new study there." >&2
+    exit 2
+  fi
+fi
 mkdir -p "$RUNS" "$OUT"
 rm -f "$OUT/RESULTS.md" "$OUT/results.csv" "$OUT/results.svg" "$OUT/study.json"  # again only if every job succeeds
 START=$SECONDS

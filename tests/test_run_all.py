@@ -252,3 +252,25 @@ def test_the_figure_has_a_legend_for_every_mark(finished):
 def test_the_smoke_preset_results_are_not_tracked():
     proc = subprocess.run(["git", "check-ignore", "-q", "results/smoke/RESULTS.md"], cwd=ROOT)
     assert proc.returncode == 0, "results/smoke/ must be git-ignored: a smoke study claims nothing"
+
+
+def test_results_without_their_checkpoints_are_never_mixed_with_a_new_study(finished, tmp_path):
+    """A fresh clone holds the tracked study but not its checkpoints: a new study replaces it (git restores it)
+    instead of skipping its references and appending to its logs; results git cannot restore are left alone."""
+    results = tmp_path / "results" / "smoke"
+    shutil.copytree(finished[0] / "results" / "smoke", results)
+    before = sorted(p.name for p in results.iterdir())
+    proc = study(tmp_path, SEEDS="2")  # no runs/: untracked results, not this study's to resume
+    assert proc.returncode == 2 and "cannot be resumed: move them away" in proc.stderr, proc.stderr[-2000:]
+    assert sorted(p.name for p in results.iterdir()) == before and not (tmp_path / "runs").exists()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(git + ["add", "results"], check=True)
+    subprocess.run(git + ["commit", "-qm", "a tracked study"], check=True)
+    proc = study(tmp_path, JOBS="1")  # seed 0 alone: a new study of its own
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "holds the tracked smoke study, whose checkpoints are not in" in proc.stdout
+    for run in (RUN, "mobilenetv3_small_random_s0", "pixels"):  # redone, not skipped, and not appended to
+        command = (results / run / "command.txt").read_text()
+        assert str(tmp_path) in command and str(finished[0]) not in command, run
+    assert not (results / "mobilenetv3_small_small_s1").exists()  # the tracked seed-1 runs went with the old study
