@@ -223,11 +223,12 @@ def neighbours_section(study, rows, archs):
     notes = study.get("notes", {}).get("neighbours", {})
     shown = {k: load(os.path.join(study["out"], knn))["neighbours"] for k, (_, knn, _) in panels.items()}
     return ["", f"## What the features find: {arch}, seed 0", "",
-            f"{arch} is the network whose recipe effect on kNN is largest ({effect[arch]:+.2f} points). Each picture "
-            f"shows the same {len(shown['pixels']['queries'])} test images (the first two of each class, left column) "
-            f"and the {len(shown['pixels']['nearest'][0])} training images nearest to each under that column's "
-            f"features, framed green when they have the "
-            f"query's class and red when not (`knn_eval.py --neighbours`).", "",
+            (f"{arch} is the network whose recipe effect on kNN is largest in size" if len(archs) > 1 else
+             f"{arch} is this study's one network")
+            + f" (small minus baseline, {effect[arch]:+.2f} points). Each picture shows the same "
+            f"{len(shown['pixels']['queries'])} test images (the first two of each class, left column) and the "
+            f"{len(shown['pixels']['nearest'][0])} training images nearest to each under that column's features, "
+            f"framed green when they have the query's class and red when not (`knn_eval.py --neighbours`).", "",
             "| " + " | ".join(title for title, _, _ in panels.values()) + " |", "|---|---|---|---|",
             "| " + " | ".join(f"![{title}]({png})" for title, _, png in panels.values()) + " |",
             "| " + " | ".join(f"{shown[k]['same_class']:.0%} of the neighbours share their query's class"

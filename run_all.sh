@@ -171,6 +171,7 @@ if [[ -z $PRESET ]]; then
   fi
 fi
 DATA_DIR=${2:-${DATA_DIR:-}}
+ARCHS_GIVEN=${ARCHS:-}
 ARCHS=(${ARCHS:-$STUDY_ARCHS})  # ARCHS="a b": a subset
 # JOBS: measured on a 2-core CPU, two pretrainings of one thread each beat one of two threads (docs/performance.md)
 JOBS=${JOBS:-$( ((GPUS)) && echo 1 || echo $(( NPROC >= 2 ? 2 : 1 )))}
@@ -398,7 +399,8 @@ fi
 # --- the table: every figure as mean +- sd over the seeds, and the paired differences --------------------------
 # study.json: what this invocation ran, so that `report.py results/PRESET` rebuilds the table from the files alone
 "$PY" - "$OUT/study.json" "$PRESET" "$SEEDS" "$((SECONDS - START))" "JOBS=$JOBS SEEDS=$SEEDS$(
-  [[ -n ${SEEDS_ARCHS_GIVEN:-} ]] && echo " SEEDS_ARCHS=\"${SEEDS_ARCHS[*]}\"") bash run_all.sh $PRESET" \
+  [[ -n $ARCHS_GIVEN ]] && echo " ARCHS=\"${ARCHS[*]}\"")$(
+  [[ -n $SEEDS_ARCHS_GIVEN ]] && echo " SEEDS_ARCHS=\"${SEEDS_ARCHS[*]}\"") bash run_all.sh $PRESET" \
   "${ARCHS[*]}" "${SEEDS_ARCHS[*]}" <<'PYTHON'
 import json, sys
 path, preset, seeds, seconds, invocation, archs, seeds_archs = sys.argv[1:]

@@ -60,6 +60,8 @@ def test_the_study_writes_one_row_per_recipe_and_seed(finished):
     assert "| mobilenetv3_small | 1.52M |" in table  # the references' table
     assert table.strip().splitlines()[-1] in proc.stdout  # the table is printed at the end
     assert (out / "results.svg").read_text().startswith("<svg")
+    invocation = json.load(open(out / "study.json"))["invocation"]  # the command that reruns it, subset included
+    assert invocation == 'JOBS=2 SEEDS=2 ARCHS="mobilenetv3_small" bash run_all.sh smoke', invocation
 
 
 def test_every_command_is_recorded_beside_its_results(finished):
