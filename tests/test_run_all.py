@@ -269,7 +269,7 @@ def test_results_without_their_checkpoints_are_never_mixed_with_a_new_study(fini
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     subprocess.run(git + ["add", "results"], check=True)
     subprocess.run(git + ["commit", "-qm", "a tracked study"], check=True)
-    proc = study(tmp_path, JOBS="1")  # seed 0 alone: a new study of its own
+    proc = study(tmp_path, JOBS="2")  # seed 0 alone: a new study of its own
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "holds the tracked smoke study, whose checkpoints are not in" in proc.stdout
     for run in (RUN, "mobilenetv3_small_random_s0", "pixels"):  # redone, not skipped, and not appended to
