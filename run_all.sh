@@ -308,7 +308,7 @@ if [[ ! -d $RUNS && -n $(ls -A "$OUT" 2>/dev/null) ]]; then
   if [[ -n $(git -C "$OUT" ls-files . 2>/dev/null) ]] && git -C "$OUT" diff --quiet HEAD -- . 2>/dev/null &&
      [[ -z $(git -C "$OUT" ls-files --others --exclude-standard . 2>/dev/null) ]]; then
     echo "run_all.sh: $OUT holds the tracked $PRESET study, whose checkpoints are not in $RUNS: this study replaces" \
-         "it (git diff compares the two afterwards; git checkout -- $OUT restores it)."
+         "it (git diff compares the two afterwards; to go back to it, remove $RUNS and git checkout -- $OUT)."
     rm -rf "$OUT"
   else
     echo "run_all.sh: $OUT holds results whose checkpoints are not in $RUNS, so they cannot be resumed: move them" \
