@@ -305,8 +305,7 @@ fi
 # Results without their checkpoints (a fresh clone's tracked study, run elsewhere) are not this study's to resume:
 # replaced when git can restore them, else left alone with one sentence, never mixed with new runs.
 if [[ ! -d $RUNS && -n $(ls -A "$OUT" 2>/dev/null) ]]; then
-  if [[ -n $(git -C "$OUT" ls-files . 2>/dev/null) ]] && git -C "$OUT" diff --quiet HEAD -- . 2>/dev/null &&
-     [[ -z $(git -C "$OUT" ls-files --others --exclude-standard . 2>/dev/null) ]]; then
+  if [[ -n $(git -C "$OUT" ls-files . 2>/dev/null) && -z $(git -C "$OUT" status --porcelain . 2>&1) ]]; then
     echo "run_all.sh: $OUT holds the tracked $PRESET study, whose checkpoints are not in $RUNS: this study replaces" \
          "it (git diff compares the two afterwards; to go back to it, remove $RUNS and git checkout -- $OUT)."
     rm -rf "$OUT"

@@ -266,7 +266,7 @@ def test_results_without_their_checkpoints_are_never_mixed_with_a_new_study(fini
     assert proc.returncode == 2 and "cannot be resumed: move them away" in proc.stderr, proc.stderr[-2000:]
     assert sorted(p.name for p in results.iterdir()) == before and not (tmp_path / "runs").exists()
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
-    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(git + ["init", "-q"], check=True)
     subprocess.run(git + ["add", "results"], check=True)
     subprocess.run(git + ["commit", "-qm", "a tracked study"], check=True)
     proc = study(tmp_path, JOBS="2")  # seed 0 alone: a new study of its own
