@@ -395,7 +395,7 @@ def test_a_run_made_to_collapse_is_said_once_and_recorded(tmp_path, capsys, flag
 @pytest.mark.skipif(not os.path.exists(FMNIST), reason="needs Debian's dataset-fashion-mnist")
 def test_fashion_mnist_training_is_healthy(tmp_path):
     """The health check of the demo's recipe on real data (resnet18, the MoCo-v2 baseline, 20k Fashion-MNIST images,
-    3 epochs of 156 steps at batch 128; 2.5-13 min on 2 cores, docs/install.md): the pretext accuracy rises from the
+    3 epochs of 156 steps at batch 128; 2.5-17 min on 2 cores, docs/install.md): the pretext accuracy rises from the
     first epoch to the last and ends far above chance, and kNN ends above the untrained network's. The old demo flags
     (lr 0.06 at batch 128, BN groups of 16) fail it (docs/training-health.md)."""
     out = str(tmp_path / "fmnist")
