@@ -7,8 +7,8 @@ key forward, loss, SGD, queue update) for --warmup untimed and --steps timed ste
   query encoder's forward-backward, and in the rest (key encoder, loss, optimizer, queue);
 - the MoCo overhead: (step - augmentation - query forward-backward - SGD) / query forward-backward;
 - the `torchvision` worker pipeline's images/s on the same model (--workers processes) and the batched speed-up;
-- channels_last against the default memory format, bf16 autocast against fp32 (on a CPU too: --amp auto is fp32
-  there, bf16 on CUDA), and on CUDA torch.compile against plain fp32;
+- channels_last against the default memory format, bf16 and fp16 autocast (fp16 with its gradient scaler) against
+  fp32 (on a CPU too: --amp auto is fp32 there, bf16 on CUDA), and on CUDA torch.compile against plain fp32;
 - peak memory (CUDA: allocated; CPU: the resident size of a fresh process per architecture) and forward MACs.
 
     python3 bench.py                                     # the five networks, 32 px, ImageNet stem, batch 256
@@ -204,10 +204,11 @@ def bench_arch(args, arch, img_size, device):
     if device.type == "cuda":
         row["peak_memory_mb"] = peak
     if not args.no_compare:
-        # the default (--amp auto) is bf16 on CUDA and fp32 on a CPU: the other precision is timed beside it
+        # the default (--amp auto) is bf16 on CUDA and fp32 on a CPU: the other one is timed beside it, and fp16
+        # with its gradient scaler (a GPU without bf16 runs it; a CPU only to test that path)
         other = ("fp32", {"amp": "off"}) if device.type == "cuda" else ("bf16", {"amp": "bf16"})
         variants = {"torchvision": ("torchvision", {}), "default_format": ("batched", {"channels_last": False}),
-                    other[0]: ("batched", other[1])}
+                    other[0]: ("batched", other[1]), "fp16": ("batched", {"amp": "fp16"})}
         if device.type == "cuda":  # torch.compile: nothing gained on a CPU (docs/performance.md)
             variants["bf16_compile"] = ("batched", {"compile": True})
         for name, (backend, changes) in variants.items():
@@ -218,6 +219,7 @@ def bench_arch(args, arch, img_size, device):
         row["batched_over_torchvision"] = row["images_per_s"] / row["torchvision_images_per_s"]
         row["channels_last_speedup"] = row["images_per_s"] / row["default_format_images_per_s"]
         row["bf16_over_fp32"] = row["bf16_images_per_s"] / row["fp32_images_per_s"]
+        row["fp16_over_fp32"] = row["fp16_images_per_s"] / row["fp32_images_per_s"]
         if device.type == "cuda":
             row["compile_over_fp32"] = row["bf16_compile_images_per_s"] / row["fp32_images_per_s"]
     if device.type != "cuda":
@@ -259,6 +261,7 @@ def print_table(rows):
             ("rest_ms", "{:>8.1f}", "rest ms"), ("moco_overhead", "{:>8.0%}", "MoCo +"),
             ("torchvision_images_per_s", "{:>8.0f}", "tv img/s"), ("batched_over_torchvision", "{:>7.2f}x", "batched"),
             ("channels_last_speedup", "{:>7.2f}x", "ch_last"), ("bf16_over_fp32", "{:>7.2f}x", "bf16"),
+            ("fp16_over_fp32", "{:>7.2f}x", "fp16"),
             ("compile_over_fp32", "{:>7.2f}x", "compile"), ("peak_memory_mb", "{:>8.0f}", "peak MB"),
             ("forward_mmacs", "{:>8.1f}", "MMACs")]
     cols = [c for c in cols if any(c[0] in r for r in rows)]

@@ -1,13 +1,17 @@
 """What the evaluation scripts (knn_eval.py, linear_eval.py) and pretrain.py's kNN monitor share: the network to
 evaluate (a checkpoint's encoder, or an untrained one) and its flags, features under the evaluation transform, the
-weighted kNN (Wu et al. 2018, InstDisc), and the results files every script writes.
+weighted kNN (Wu et al. 2018, InstDisc), the results files every script writes and the record of the machine each
+was made on.
 """
+import datetime
 import hashlib
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -314,12 +318,82 @@ def is_json(path):
     return True
 
 
-def check_json_output(path, flag="--json", ckpt=None):
-    """Before any work: the results file can be written, and replacing it loses nothing, i.e. it is new or holds
-    JSON (an earlier result); never the checkpoint or another kind of file."""
+def is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# a pretraining run's files (run_state.RunFiles): no evaluation output may replace one
+RUN_FILES = ("summary.json", "log.jsonl", "checkpoint.pt")
+
+
+def check_json_output(path, flag="--json", ckpt=None, is_result=is_json, result="a JSON results file"):
+    """Before any work: the output file can be written, and replacing it loses nothing, i.e. it is new or holds
+    `result` (an earlier one; is_result tells); never the checkpoint, a pretraining run's file (RUN_FILES: one that
+    exists, or any in the folder of the checkpoint) or another kind of file. --neighbours passes is_png."""
     writable_dir(os.path.dirname(path) or ".", flag, path)
     if ckpt and os.path.exists(path) and os.path.exists(ckpt) and os.path.samefile(path, ckpt):
         raise SystemExit(f"{flag} {path} is the checkpoint being evaluated: choose another {flag}.")
-    if os.path.isdir(path) or (os.path.exists(path) and not is_json(path)):
-        raise SystemExit(f"{flag} {path} exists and is not a JSON results file, so it is not replaced: move it "
-                         f"away or choose another {flag}.")
+    name = os.path.basename(path)
+    if name in RUN_FILES and (os.path.exists(path) or ckpt and os.path.realpath(os.path.dirname(path) or ".")
+                              == os.path.realpath(os.path.dirname(ckpt) or ".")):
+        raise SystemExit(f"{flag} {path} names a pretraining run's {name}, which an evaluation never replaces: "
+                         f"choose another {flag}.")
+    if os.path.isdir(path) or (os.path.exists(path) and not is_result(path)):
+        raise SystemExit(f"{flag} {path} exists and is not {result}, so it is not replaced: move it away or choose "
+                         f"another {flag}.")
+
+
+# ----- where a result was made ----------------------------------------------------------------------------------------
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16")  # the instruction sets that decide a CPU's speed here (bf16 most)
+PROJECT = os.path.dirname(os.path.abspath(__file__))
+
+
+def machine(start, device, world_size=1):
+    """Where a run or an evaluation ran, from `start` (time.time()) until now: the "machine" record of summary.json
+    and of every evaluation's JSON (report.py's Machine line counts them). Its keys:
+    cpu: the CPU's model; cpu_flags: those of CPU_FLAGS it has; cores: the CPUs this process may use; threads:
+    torch's threads; gpu: the name of the GPU used (else of GPU 0; None without one torch can use); gpus: how many
+    torch sees; world_size: the run's processes (torchrun's; 1 otherwise); torch: its version; commit: the project's
+    git commit and modified: whether its files differ from it, results/ and runs/ aside (both None outside a git
+    checkout); start, end: UTC, ISO 8601."""
+    cpu, flags = cpu_model_and_flags()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = (torch.cuda.get_device_name(device if device.type == "cuda" else 0) if torch.cuda.is_available()
+           else None)
+    status = git("status", "--porcelain", "--", ".", ":(exclude)results", ":(exclude)runs")
+    return {"cpu": cpu, "cpu_flags": flags, "cores": cores, "threads": torch.get_num_threads(), "gpu": gpu,
+            "gpus": torch.cuda.device_count() if gpu else 0, "world_size": world_size, "torch": str(torch.__version__),
+            "commit": git("rev-parse", "HEAD"), "modified": None if status is None else bool(status),
+            "start": utc(start), "end": utc(time.time())}
+
+
+def cpu_model_and_flags():
+    """(model name, the CPU_FLAGS it has) of the first processor in /proc/cpuinfo; elsewhere platform's name and no
+    flags."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = set(fields.get("flags", "").split())
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    return model, [f for f in CPU_FLAGS if f in flags]
+
+
+def git(*command):
+    """The output of a git command in the project's folder; None where git or the checkout is missing."""
+    try:
+        proc = subprocess.run(["git", "--no-optional-locks", *command], cwd=PROJECT, capture_output=True, text=True,
+                              timeout=30)  # no index lock: a git command of the user's at the same time still runs
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def utc(seconds):
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="seconds")

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 import data
 from data import eval_resize, exit_on_unreadable_image, load_data, pil_image, view_batches
-from evaluation import (add_model_flags, check_json_output, evaluated_bn, extract_features, knn_predict, load_model,
-                        nearest, pick_device, settings, topk_accuracy, write_json)
+from evaluation import (add_model_flags, check_json_output, evaluated_bn, extract_features, is_png, knn_predict,
+                        load_model, machine, nearest, pick_device, settings, topk_accuracy, write_json)
 
 BEST_NN_KS = tuple(range(1, 102, 2))
 
@@ -200,7 +200,7 @@ def neighbours_picture(path, caption, queries, neighbours, test, train, img_size
     for i, line in enumerate(caption):
         draw.text((2, 2 + 12 * i), line, fill=(0, 0, 0))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    canvas.quantize(colors=64).save(path, optimize=True)
+    canvas.quantize(colors=64).save(path, format="PNG", optimize=True)  # whatever the file's name ends with
     return same.float().mean().item()
 
 
@@ -234,6 +234,10 @@ def main(argv=None):
     args = get_args(argv)
     if args.json:
         check_json_output(args.json, ckpt=args.ckpt)
+    if args.neighbours:
+        check_json_output(args.neighbours, "--neighbours", args.ckpt, is_png, "a PNG picture")
+        if args.json and os.path.abspath(args.neighbours) == os.path.abspath(args.json):
+            raise SystemExit(f"--neighbours and --json both name {args.json}: give the picture another name.")
     device = pick_device(args.device)
     start = time.time()
     backbone, head, dim = load_model(args)
@@ -292,6 +296,7 @@ def main(argv=None):
               f"{d['intra_class_original']:.4f} / {d['intra_class_view']:.4f} (originals / views); instance accuracy "
               f"{d['instance_accuracy']:.2f}%")
     results["seconds"] = time.time() - start
+    results["machine"] = machine(start, device)
     print(f"{results['seconds']:.1f} s on {device}")
     if args.json:
         write_json(results, args.json)

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import data
-from evaluation import (add_model_flags, check_json_output, evaluated_bn, extract_features, load_model, pick_device,
-                        save_atomic, settings, topk_accuracy, write_json)
+from evaluation import (add_model_flags, check_json_output, evaluated_bn, extract_features, load_model, machine,
+                        pick_device, save_atomic, settings, topk_accuracy, write_json)
 
 
 def check_backbone_unchanged(backbone, reference):
@@ -150,7 +150,8 @@ def main(argv=None):
         print(f"{name}: {args.evaluate} on {len(test)} test images: top-1 {top1:.2f}%"
               + ("" if top5 is None else f", top-5 {top5:.2f}%"))
         results = {"protocol": "evaluate", "classifier": args.evaluate,
-                   **settings(args, device, dim, train.num_classes), "n_test": len(test), "top1": top1, "top5": top5}
+                   **settings(args, device, dim, train.num_classes), "n_test": len(test), "top1": top1, "top5": top5,
+                   "machine": machine(start, device)}
         if args.json:
             write_json(results, args.json)
         return results
@@ -209,7 +210,7 @@ def main(argv=None):
                "epochs": args.epochs, "schedule": args.schedule, "top1": history[-1]["test_top1"],
                "top5": history[-1]["test_top5"], "best_on_test_top1": best["test_top1"],
                "best_on_test_epoch": best["epoch"], "classifier": classifier_path(args.json), "history": history,
-               "seconds": time.time() - start}
+               "seconds": time.time() - start, "machine": machine(start, device)}
     # the classifier first: run_all.sh takes an existing --json as a finished stage, so it must never exist alone
     save_atomic({"classifier": classifier.cpu().state_dict(), "arch": args.arch, "ckpt": args.ckpt,
                  "encoder": args.encoder, "data": args.data, "num_classes": train.num_classes, "feat_dim": dim,

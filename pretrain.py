@@ -44,7 +44,12 @@ def parser():
     a("--moco-m", type=fraction, default=0.999, help="key-encoder momentum")
     a("--moco-t", type=number(0, 100, low_open=True), default=0.2, help="temperature tau")
     a("--symmetric", action="store_true", help="loss L(q1, k2) + L(q2, k1)")
-    a("--bn-splits", type=count(1, 4096), default=1, help="split BN into this many groups of the per-process batch")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--bn-splits", type=count(1, 4096), default=1,
+                       help="split BN into this many groups of the per-process batch")
+    split.add_argument("--bn-group", type=count(1, 2**20), default=0,
+                       help="split BN into groups of this many images per process, whatever the number of processes "
+                            "(a process holding this many or fewer is one group); the presets' way")
     a("--smooth", type=number(0, 1, high_open=True), default=0.0, help="eps of the softened InfoNCE; 0 = InfoNCE")
     a("--smooth-k", type=count(1, 2**24), default=10, help="number of queue neighbours that share eps")
     a("--smooth-mode", default="topk", choices=SMOOTH_MODES, help="how eps is spread over the neighbours")
@@ -72,7 +77,9 @@ def parser():
                                                            "full schedule's lr (0 = all epochs)")
     a("--teacher", default=None, help="checkpoint.pt of a frozen teacher: adds DisCo distillation")
     a("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
-      help="mixed precision, the loss in fp32: auto is bf16 (or fp16) on CUDA, off on a CPU; bf16 runs on a CPU too")
+      help="mixed precision, the loss in fp32: auto is bf16 on CUDA (fp16 with a gradient scaler where the GPU has "
+           "no bf16), off on a CPU; bf16 and fp16 run on a CPU too, for testing: slower than fp32 there "
+           "(docs/performance.md)")
     a("--channels-last", action="store_true", help="channels-last memory format (faster for depthwise networks)")
     a("--compile", action="store_true", help="torch.compile the encoders")
     a("--device", default="auto", help="auto, cpu, cuda")
@@ -106,6 +113,10 @@ def lr_at(step, total_steps, warmup_steps, base_lr):
     return base_lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
 
 
+# bench.py's fp16 against fp32 on a CPU (machine A, AVX-512 without fp16 arithmetic: results/bench/amp_cpu.txt)
+CPU_FP16_COST = "8 to 20 times slower than fp32"
+
+
 def build(args, device):
     """The MoCo model (on the CPU until moved), its SGD optimizer, the fp16 gradient scaler (a no-op otherwise) and
     the autocast context for --amp on this device."""
@@ -117,9 +128,13 @@ def build(args, device):
         amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
     else:
         amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    if amp_dtype == torch.float16 and device.type != "cuda":
-        raise SystemExit(f"--amp fp16 needs a CUDA device; on {device} use --amp bf16, auto or off.")
-    scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
+    if amp_dtype == torch.float16 and device.type == "cpu" and int(os.environ.get("RANK", 0)) == 0:
+        print(f"--amp fp16 on a CPU runs the GPU's fp16 path (autocast and the gradient scaler) "
+              f"{CPU_FP16_COST}: for testing that path; --amp auto trains in fp32 here.", file=sys.stderr)
+    # fp16 alone needs the scaler: its range is too narrow for small gradients. The same object on every device:
+    # it skips a step whose gradients hold an inf or NaN and halves its scale, doubles it after 2000 clean steps.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    args.precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]  # what --amp means here
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     return raw, optimizer, scaler, autocast
 
@@ -144,6 +159,10 @@ def train_step(model, x1, x2, optimizer, scaler, autocast, args, m, eps, teacher
     if teacher is not None:
         loss = loss + distill_loss(q1, t1) + distill_loss(q2.float(), t2)
     optimizer.zero_grad(set_to_none=True)
+    # fp16 (the scaler is a no-op otherwise): the loss is scaled up before backward so that small gradients survive
+    # fp16; step() unscales them and skips SGD (weights and momentum untouched) where any is inf or NaN, update()
+    # halves the scale after a skip. As in MoCo's own code, the key encoder's momentum step and the enqueued keys of
+    # this step (in the forward above) stand, and the loop counts the step and moves the lr schedule on.
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
@@ -169,6 +188,7 @@ def run(args, argv):
     master = rank == 0
     args, ckpt = run_state.open_run(args, argv, master, parser)
     files = run_state.RunFiles(args.out, master)
+    files.sessions = ckpt.get("machines", []) if ckpt else []  # where the run's earlier sessions ran
     train = training_data(args, device, world)
     torch.manual_seed(args.seed + rank)
     aug_gen = torch.Generator(device=device).manual_seed(args.seed + rank)
@@ -226,12 +246,15 @@ def run(args, argv):
                     if collapse_said:
                         files.log({"epoch": epoch, "step": step, "collapsed_at_step": step})
                 speed = (step - resumed_at) * args.batch_size / (time.time() - start_time - paused)  # this session's
+                # fp16: the gradient scaler's scale; each halving is a step it skipped (docs/performance.md, fp16)
+                scale = {"amp_scale": scaler.get_scale()} if scaler.is_enabled() else {}
                 files.log({"epoch": epoch, "step": step, "loss": loss, "acc": acc, "emb_std": emb_std, "lr": lr,
-                           "eps": eps, "img_per_s": speed})
+                           "eps": eps, "img_per_s": speed, **scale})
                 if master:
                     print(f"epoch {epoch + 1}/{args.epochs} step {step}/{last_step} loss {loss:.4f} acc {acc:5.1f}% "
                           f"emb_std {emb_std:.3f} lr {lr:.4f} eps {eps:.3f} {speed:6.0f} img/s "
-                          f"eta {run_state.duration((last_step - step) * args.batch_size / speed)}", flush=True)
+                          + (f"scale {scale['amp_scale']:g} " if scale else "")
+                          + f"eta {run_state.duration((last_step - step) * args.batch_size / speed)}", flush=True)
             if step == last_step:
                 break
         pause = time.time()
@@ -248,7 +271,7 @@ def run(args, argv):
                                "scaler": scaler.state_dict(), "epoch": step // steps_per_epoch, "step": step,
                                "rng": states, "wall_s": wall_before + time.time() - start_time,
                                "images_per_s": (step - resumed_at) * args.batch_size / (pause - start_time - paused),
-                               "version": run_state.CHECKPOINT_VERSION})
+                               "version": run_state.CHECKPOINT_VERSION}, device, world)
         paused += time.time() - pause
 
     wall = time.time() - start_time

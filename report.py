@@ -10,14 +10,12 @@ against its own seed's random init, the small-model recipe against the baseline 
 difference counts as beyond the seed spread when a two-sided paired t-test rejects "no difference" at 5%.
 """
 import argparse
+import collections
 import csv
 import json
 import math
 import os
-import platform
 import statistics
-
-import torch
 
 import data
 from evaluation import STALE_BN
@@ -57,19 +55,24 @@ def stale_bn(results):
 
 
 def collect(out, archs, seeds):
-    """(rows, references, evaluation seconds, the raw pixels' knn.json): one row per network, recipe and seed; the
-    references per network and seed, and the raw pixels' under the key "pixels"."""
+    """(rows, references, evaluation seconds, the raw pixels' knn.json, a linear.json, where each file was made):
+    one row per network, recipe and seed; the references per network and seed, and the raw pixels' under the key
+    "pixels"; the machines, as machine_name says them, of the pretrainings and of the evaluations."""
     pixels = load(f"{out}/pixels/knn.json")
     refs, rows, eval_s = {"pixels": knn_top1(pixels)}, [], pixels["seconds"]
+    made = {"pretraining": [], "evaluation": [pixels]}
     for seed in sorted({s for arch in archs for s in seeds[arch]}):
         for arch in [a for a in archs if seed in seeds[a]]:
             ref, ref_bn = (load(f"{out}/{arch}_random_s{seed}/{name}.json") for name in ("knn", "knn_bn"))
             refs[arch, seed] = knn_top1(ref), knn_top1(ref_bn)
             eval_s += ref["seconds"] + ref_bn["seconds"]
+            made["evaluation"] += [ref, ref_bn]
             for recipe in RECIPES:
                 run = f"{out}/{arch}_{recipe}_s{seed}"
                 summary, knn, linear = load(f"{run}/summary.json"), load(f"{run}/knn.json"), load(f"{run}/linear.json")
                 eval_s += knn["seconds"] + linear["seconds"]
+                made["pretraining"].append(summary)
+                made["evaluation"] += [knn, linear]
                 diag = knn["diagnostics"]
                 log = read_log(f"{run}/log.jsonl")
                 pretext = [r["epoch_acc"] for r in log if "epoch_acc" in r]
@@ -87,8 +90,37 @@ def collect(out, archs, seeds):
                              "linear_top1": linear_top1(linear), "linear_protocol": linear["protocol"],
                              "alignment": diag["alignment_original_view"], "uniformity": diag["uniformity_original"],
                              "images_per_s": summary["images_per_s"], "pretrain_min": summary["wall_s"] / 60,
-                             "device": summary["device"], "ckpt_sha256": knn["ckpt_sha256"]})
-    return rows, refs, eval_s, pixels, linear
+                             "device": summary["device"], "machine": machine_name(summary),
+                             "ckpt_sha256": knn["ckpt_sha256"]})
+    return rows, refs, eval_s, pixels, linear, made
+
+
+def machine_name(results):
+    """Where a results file says it was made (its "machine" record, evaluation.machine): the GPU's name and count
+    for work on a GPU, else the CPU's model, its instruction sets of evaluation.CPU_FLAGS, the cores it could use
+    and torch's threads; None for a file without a record (written before there was one)."""
+    m = results.get("machine")
+    if not m:
+        return None
+    if results.get("device", "").startswith("cuda"):
+        return f"{m['gpu']} x {m['gpus']}"
+    return (f"{m['cpu']} ({' '.join(m['cpu_flags']) or 'no AVX2'}, {plural(m['cores'], 'core')} / "
+            f"{plural(m['threads'], 'thread')})")
+
+
+def machine_line(made):
+    """The Machine line: for the pretrainings and for the evaluations, each machine their files name with how many
+    were made on it (most first), those without a record counted as not recorded; the torch versions recorded. Never
+    the machine that rebuilds the report."""
+    def counted(files, unit):
+        counts = collections.Counter(machine_name(r) for r in files)
+        named = sorted(((n, c) for n, c in counts.items() if n), key=lambda nc: (-nc[1], nc[0]))
+        return "; ".join([f"{plural(count, unit)} on {name}" for name, count in named]
+                         + ([f"{plural(counts[None], unit)} not recorded"] if None in counts else []))
+
+    versions = sorted({r["machine"]["torch"] for files in made.values() for r in files if r.get("machine")})
+    return (f"Machine: pretraining, {counted(made['pretraining'], 'run')}. Evaluations, "
+            f"{counted(made['evaluation'], 'file')}. Torch {', '.join(versions) or 'not recorded'}.")
 
 
 def spread(values, digits=2):
@@ -121,7 +153,7 @@ def linear_protocol(linear):
             f"top-1 on the test images (not an epoch picked on them)")
 
 
-def markdown(study, rows, refs, eval_s, pixels, linear, seeds):
+def markdown(study, rows, refs, eval_s, pixels, linear, seeds, made):
     archs = study["archs"]
 
     def sel(arch, recipe):
@@ -131,8 +163,6 @@ def markdown(study, rows, refs, eval_s, pixels, linear, seeds):
         return " †" if r["stale_bn"] > STALE_BN else ""
 
     pretrain_s = sum(r["pretrain_min"] * 60 for r in rows)
-    machine = (torch.cuda.get_device_name() if torch.cuda.is_available()
-               else f"{platform.processor() or 'CPU'}, {os.cpu_count()} cores")
     counts = sorted({len(s) for s in seeds.values()})
     seeded = ", ".join(f"{a} {len(seeds[a])}" for a in archs) if len(counts) > 1 else f"{counts[0]} each"
     bn = ("precise BN: every checkpoint's BN statistics re-estimated on the bank's training images" if
@@ -143,8 +173,7 @@ def markdown(study, rows, refs, eval_s, pixels, linear, seeds):
             f"resumed runs included)." if study.get("seconds") is not None else "")
     lines = [f"# run_all.sh {study['preset']}: results", "",
              f"`{study['invocation']}`: {plural(len(archs), 'network')} x 2 recipes; seeds per network: {seeded}. "
-             f"Machine: {machine}; torch {torch.__version__}.{took}" + (f" {study['notes']['study']}" if
-                                                                         study["notes"].get("study") else ""),
+             f"{machine_line(made)}{took}" + (f" {study['notes']['study']}" if study["notes"].get("study") else ""),
              "", "![kNN per network and recipe, and the health curves](results.svg)", "",
              f"Figures over seeds are mean ± sd (n = the network's seeds; one seed: the value alone). kNN: weighted, "
              f"k {rows[0]['knn_k']}, T 0.1, on the backbone's pooled features with {bn}, bank and queries as each "
@@ -384,12 +413,12 @@ def main(argv=None):
     notes_file = os.path.join(args.out, "notes.json")  # sentences written by hand after looking at the results
     study["notes"] = load(notes_file) if os.path.isfile(notes_file) else {}
     seeds = {arch: list(range(study["seeds"])) if arch in study["seeds_archs"] else [0] for arch in study["archs"]}
-    rows, refs, eval_s, pixels, linear = collect(args.out, study["archs"], seeds)
+    rows, refs, eval_s, pixels, linear, made = collect(args.out, study["archs"], seeds)
     with open(f"{args.out}/results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    table = markdown(study, rows, refs, eval_s, pixels, linear, seeds)
+    table = markdown(study, rows, refs, eval_s, pixels, linear, seeds, made)
     with open(f"{args.out}/RESULTS.md", "w") as f:
         f.write(table)
     print(table, end="")

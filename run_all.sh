@@ -16,6 +16,7 @@
 #   ARCHS="resnet18 mobilenetv3_small" bash run_all.sh       a subset of the networks
 #   STUDY_DIR=/scratch bash run_all.sh                        runs/ and results/ go there (default: here)
 #   PYTHON=/path/to/python bash run_all.sh                    that interpreter and its packages (no .venv)
+#   bash run_all.sh --help                                    this text (also -h, help)
 #
 # The presets are presets/<name>.sh (demo, fmnist, cifar10, imagenet, smoke: data, schedule, batch, evaluation budget),
 # the two recipes recipes/baseline.args and recipes/small.args; docs/presets.md lists every command, resolved. The
@@ -27,6 +28,10 @@
 # for every run and reference its JSON, logs and the exact commands (command.txt): everything but the checkpoints.
 set -euo pipefail
 shopt -s extglob
+if [[ ${1:-} == @(--help|-h|help) ]]; then  # the usage: the comments above, without their "# "
+  awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"
+  exit 0
+fi
 cd "$(dirname "$0")"
 DEMO_COST="about 45 min on a 2-core CPU at one seed"  # from the measured stages of results/demo: docs/performance.md
 # the fmnist study's ten pretrainings at bench.py's small-stem speed on a 2-core CPU: docs/performance.md
@@ -35,6 +40,12 @@ CPU_COST="about 100 days for fmnist's alone"
 SEEDS=${SEEDS:-1}
 [[ $SEEDS =~ ^[1-9][0-9]*$ ]] || { echo "SEEDS=$SEEDS is not a number of seeds (1, 2, ...)." >&2; exit 2; }
 [[ ${JOBS:-1} =~ ^[1-9][0-9]*$ ]] || { echo "JOBS=$JOBS is not a number of jobs (1, 2, ...)." >&2; exit 2; }
+if [[ ${1:-} != @(tests|gpucheck) ]]; then  # STUDY_DIR: its nearest existing folder on the path must be a folder
+  above=${STUDY_DIR:-.}
+  while [[ ! -e $above ]]; do above=$(dirname "$above"); done
+  [[ -d $above ]] || { echo "STUDY_DIR=$STUDY_DIR cannot hold the study's runs/ and results/, as $above is not a" \
+                         "folder: choose another STUDY_DIR." >&2; exit 2; }
+fi
 if [[ -n ${1:-${PRESET:-}} && ${1:-${PRESET:-}} != @(tests|gpucheck) && ! -f presets/${1:-$PRESET}.sh ]]; then
   echo "unknown preset '${1:-$PRESET}': choose one of presets/ ($(cd presets && ls *.sh | sed 's/\.sh$//' |
         tr '\n' ' ')), or tests, gpucheck." >&2
@@ -185,14 +196,19 @@ source "presets/$PRESET.sh"
 DATA+=(${DATA_DIR:+--data-dir "$DATA_DIR"})
 
 # --- before anything is made: the networks and the data are there (dry runs check them too) ---------------------
-"$PY" - "${DATA[1]}" "$DATA_DIR" "${ARCHS[@]}" > /dev/null <<'PYTHON' || exit 2
+"$PY" - "${DATA[1]}" "$DATA_DIR" "${SEEDS_ARCHS:-}" "${ARCHS[@]}" > /dev/null <<'PYTHON' || exit 2
 import sys
 import data, models
-name, data_dir, archs = sys.argv[1], sys.argv[2] or None, sys.argv[3:]
-unknown = [a for a in archs if a not in models.ARCHS]
-if unknown:
-    raise SystemExit(f"ARCHS names {' '.join(unknown)}, not a network of models.py: choose from "
-                     f"{' '.join(models.ARCHS)}.")
+name, data_dir, seeds_archs, archs = sys.argv[1], sys.argv[2] or None, sys.argv[3].split(), sys.argv[4:]
+for variable, names in (("ARCHS", archs), ("SEEDS_ARCHS", seeds_archs)):
+    unknown = [a for a in names if a not in models.ARCHS]
+    if unknown:
+        raise SystemExit(f"{variable} names {' '.join(unknown)}, not a network of models.py: choose from "
+                         f"{' '.join(models.ARCHS)}.")
+outside = [a for a in seeds_archs if a not in archs]
+if outside:
+    raise SystemExit(f"SEEDS_ARCHS names {' '.join(outside)}, not a network of this study (ARCHS: {' '.join(archs)}): "
+                     f"name networks of ARCHS, which get every seed.")
 data.load_data(name, "test", data_dir)  # a missing or unreadable data set is its one sentence, before any folder
 PYTHON
 if [[ -z $DRY_RUN && $PRESET == @(fmnist|cifar10|imagenet) ]] && (( GPUS == 0 )) && [[ -z ${CPU_OK:-} ]]; then

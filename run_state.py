@@ -10,6 +10,7 @@ import os
 import resource
 import shlex
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -17,13 +18,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import models
-from evaluation import pick_device, save_atomic, writable_dir, write_json
+from evaluation import machine, pick_device, save_atomic, writable_dir, write_json
 
 # 2: --lr is a rate per 256 images (version 1 stored the peak rate itself); resuming needs the same version
 CHECKPOINT_VERSION = 2
 # flags that may change when a run is resumed; every other flag given must equal the checkpoint's
+# (--amp may be given in another spelling, auto or the precision, as long as it means the checkpoint's: restore)
 RUN_CONTROL = {"out", "resume", "data_dir", "workers", "device", "max_steps", "knn_every", "knn_subset",
-               "log_every", "compile"}
+               "log_every", "compile", "amp"}
 
 
 # ----- the run's folder -----------------------------------------------------------------------------------------------
@@ -36,6 +38,8 @@ class RunFiles:
         self.master = master
         self.log_path, self.ckpt_path = os.path.join(out, "log.jsonl"), os.path.join(out, "checkpoint.pt")
         self.summary_path = os.path.join(out, "summary.json")
+        self.started = time.time()  # this session's start: summary.json's machine record
+        self.sessions = []  # the machine records of the sessions before this one (a resumed run's checkpoint)
 
     def log(self, record):
         if self.master:
@@ -46,24 +50,27 @@ class RunFiles:
         with open(self.log_path) as f:
             return [r[key] for r in map(json.loads, f) if key in r]
 
-    def save_checkpoint(self, state):
+    def save_checkpoint(self, state, device, world):
+        """checkpoint.pt, with the machine records of every session of the run so far."""
         if self.master:
-            save_atomic(state, self.ckpt_path)
+            save_atomic({**state, "machines": self.sessions + [machine(self.started, device, world)]}, self.ckpt_path)
 
     def write_summary(self, args, raw, device, world, n_images, step, total_steps, wall_s, images_per_s, resumed_at):
         """summary.json; the last kNN monitor and emb_std, and the step where the run looked collapsed (None if it
-        never did), are read from the log."""
+        never did), are read from the log; "machine" (evaluation.machine) is where this session ran, from its start
+        (a resumed run: resumed_at_step) until now, and "machines" where every session of the run did, in order."""
         if not self.master:
             return
+        here = machine(self.started, device, world)
         peak_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         write_json({"arch": args.arch, "backbone_params": sum(p.numel() for p in raw.encoder_q.backbone.parameters()),
                     "epochs": step * args.epochs / total_steps, "steps": step, "n_images": n_images,
                     "images_per_s": images_per_s, "peak_memory_mb": peak_mb, "wall_s": wall_s,
                     "resumed_at_step": resumed_at, "knn_top1": last(self.logged("knn_top1")),
-                    "emb_std": last(self.logged("emb_std")),
+                    "emb_std": last(self.logged("emb_std")), "amp_scale": last(self.logged("amp_scale")),
                     "collapsed_at_step": last(self.logged("collapsed_at_step")), "world_size": world,
-                    "device": str(device), "args": vars(args),
+                    "device": str(device), "machine": here, "machines": self.sessions + [here], "args": vars(args),
                     "complete": step == total_steps},  # False after --max-steps: run_all.sh resumes it
                    self.summary_path)
 
@@ -128,7 +135,19 @@ def mean_over_ranks(sums, count):
 
 # ----- checks: flags that do not fit, a NaN, a collapse ---------------------------------------------------------------
 
+def bn_splits(batch_size, world, bn_group):
+    """--bn-group's number of split-BN groups per process: the per-process batch in groups of bn_group images, one
+    group where a process holds bn_group images or fewer."""
+    per = batch_size // world
+    return per // bn_group if per > bn_group else 1
+
+
 def check_setup(args, num_images, world):
+    if args.bn_group:  # the groups for this number of processes (a resume with another number included)
+        if args.batch_size // world > args.bn_group and (args.batch_size // world) % args.bn_group:
+            raise SystemExit(f"--bn-group {args.bn_group} does not divide the per-process batch of "
+                             f"{args.batch_size // world}.")
+        args.bn_splits = bn_splits(args.batch_size, world, args.bn_group)
     keys_per_step = args.batch_size * (2 if args.symmetric else 1)
     problems = [
         (args.batch_size % world, f"--batch-size {args.batch_size} is not divisible by the {world} processes"),
@@ -305,7 +324,13 @@ def restore(ckpt, path, raw, optimizer, scaler, aug_gen, args, rank, world, devi
     except (RuntimeError, ValueError, KeyError) as e:
         raise SystemExit(f"{path} does not fit this model ({str(e).splitlines()[0]}): move it away or choose "
                          f"another --out.")
-    scaler.load_state_dict(ckpt["scaler"])
+    saved_amp = ckpt["args"].get("amp")  # checkpoints from before "precision": off, bf16 and fp16 say it, auto not
+    trained_in = ckpt["args"].get("precision") or {"off": "fp32"}.get(saved_amp, saved_amp)
+    if trained_in in ("fp32", "bf16", "fp16") and trained_in != args.precision:
+        raise SystemExit(f"{path} was trained in {trained_in} and --amp {args.amp} means {args.precision} on "
+                         f"{device.type}: resume it with --amp {'off' if trained_in == 'fp32' else trained_in}, or "
+                         f"choose another --out.")
+    scaler.load_state_dict(ckpt["scaler"])  # fp16: the scale and the count of clean steps since it last changed
     step, saved = ckpt["step"], ckpt["rng"]
     if len(saved) == world and saved[rank]["aug"].shape == aug_gen.get_state().shape:
         torch.set_rng_state(saved[rank]["torch"])

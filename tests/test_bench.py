@@ -23,11 +23,12 @@ def test_the_benchmark_times_a_real_step_and_writes_every_figure(tmp_path):
     (row,) = json.loads(out.read_text())
     for key in ("images_per_s", "step_ms", "augment_ms", "query_fwd_bwd_ms", "torchvision_images_per_s",
                 "batched_over_torchvision", "channels_last_speedup", "peak_memory_mb", "forward_mmacs",
-                "fp32_images_per_s", "bf16_images_per_s", "bf16_over_fp32"):
+                "fp32_images_per_s", "bf16_images_per_s", "bf16_over_fp32", "fp16_images_per_s", "fp16_over_fp32"):
         assert row[key] > 0, key
-    # on a CPU the default (--amp auto) is fp32; bf16 autocast is timed beside it
+    # on a CPU the default (--amp auto) is fp32; bf16 and fp16 autocast are timed beside it
     assert row["fp32_images_per_s"] == row["images_per_s"]
     assert row["bf16_over_fp32"] == pytest.approx(row["bf16_images_per_s"] / row["images_per_s"])
+    assert row["fp16_over_fp32"] == pytest.approx(row["fp16_images_per_s"] / row["images_per_s"])
     assert math.isfinite(row["rest_ms"]) and math.isfinite(row["moco_overhead"])  # differences of timings
     assert row["backbone_params"] == 1_517_856
 

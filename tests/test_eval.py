@@ -1,3 +1,4 @@
+import datetime
 import hashlib
 import json
 import math
@@ -509,6 +510,98 @@ def test_an_unwritable_json_is_refused_before_any_work(checkpoint, tmp_path, no_
     with pytest.raises(SystemExit, match=f"--json {re.escape(out)} cannot be written, as {blocker} is not a "
                                          f"writable directory: choose another --json."):
         main(flags + ["--json", out])
+
+
+def a_run(checkpoint, folder):
+    """A pretraining run's folder as pretrain.py leaves it: checkpoint.pt, log.jsonl and summary.json."""
+    folder.mkdir()
+    (folder / "checkpoint.pt").write_bytes(open(checkpoint, "rb").read())
+    (folder / "log.jsonl").write_text('{"step": 1, "loss": 7.0}\n')
+    (folder / "summary.json").write_text('{"arch": "mobilenetv3_small", "complete": true}')
+    return {name: (folder / name).read_bytes() for name in evaluation.RUN_FILES}
+
+
+@pytest.mark.parametrize("script", [knn_eval, linear_eval])
+def test_no_evaluation_writes_over_a_runs_files(checkpoint, tmp_path, no_work, script):
+    """summary.json and log.jsonl are JSON, so the JSON check alone would replace them: a file of a run's name that
+    exists, or any of them in the folder of --ckpt, is refused before any work."""
+    run, copies = tmp_path / "run", tmp_path / "results"
+    before = a_run(checkpoint, run)
+    ckpt = str(run / "checkpoint.pt")
+    copies.mkdir()
+    (copies / "summary.json").write_bytes(before["summary.json"])  # run_all.sh's copy beside the results
+    flag_outputs = [("--json", run / "summary.json"), ("--json", run / "log.jsonl"),
+                    ("--json", copies / "summary.json")]
+    if script is knn_eval:
+        flag_outputs.append(("--neighbours", run / "log.jsonl"))
+    for flag, path in flag_outputs:
+        with pytest.raises(SystemExit, match=f"^{flag} {re.escape(str(path))} names a pretraining run's "
+                                             f"{path.name}, which an evaluation never replaces: choose another "
+                                             f"{flag}.$"):
+            script.main(["--ckpt", ckpt, "--json", str(tmp_path / "out.json"), flag, str(path)])
+    (run / "summary.json").unlink()  # a run whose summary is still to come: its folder is the checkpoint's
+    with pytest.raises(SystemExit, match="names a pretraining run's summary.json"):
+        script.main(["--ckpt", ckpt, "--json", str(run / "summary.json")])
+    assert not (run / "summary.json").exists() and (copies / "summary.json").read_bytes() == before["summary.json"]
+    assert all((run / name).read_bytes() == before[name] for name in ("checkpoint.pt", "log.jsonl"))
+
+
+def test_neighbours_is_checked_before_any_work(checkpoint, tmp_path, no_work):
+    """The issue's --neighbours README.md/n.png failed after the whole evaluation; now it, a folder, another kind of
+    file and the --json's own path are each one sentence before any data is loaded."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    picture = tmp_path / "old.png"
+    picture.write_bytes(b"\x89PNG\r\n\x1a\n an earlier picture")
+    json_path = str(tmp_path / "knn.json")
+    for path, sentence in ((notes / "n.png", f"--neighbours {notes / 'n.png'} cannot be written, as {notes} is not "
+                                             f"a writable directory: choose another --neighbours."),
+                           (tmp_path, f"--neighbours {tmp_path} exists and is not a PNG picture, so it is not "
+                                      f"replaced"),
+                           (notes, f"--neighbours {notes} exists and is not a PNG picture, so it is not replaced"),
+                           (json_path, f"--neighbours and --json both name {json_path}: give the picture another "
+                                       f"name.")):
+        with pytest.raises(SystemExit, match=re.escape(sentence)):
+            knn_eval.main(["--ckpt", checkpoint, "--json", json_path, "--neighbours", str(path)])
+    assert notes.read_text() == "my notes" and not os.path.exists(json_path)
+    with pytest.raises(AssertionError, match="data was loaded"):  # an earlier picture is replaced: the work starts
+        knn_eval.main(["--ckpt", checkpoint, "--json", json_path, "--neighbours", str(picture)])
+
+
+def test_every_evaluation_records_where_it_ran(tmp_path):
+    """The machine record, against what this process and git say: the CPU's flags from /proc/cpuinfo, the cores
+    this process may use, torch's threads, the project's commit; start and end in UTC around the evaluation."""
+    before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    knn = knn_eval.main(CPU + ["--pixels", *SMALL, "--k", "20", "--json", str(tmp_path / "knn.json"),
+                               "--neighbours", str(tmp_path / "picture")])  # a PNG, whatever its name ends with
+    assert evaluation.is_png(tmp_path / "picture")
+    linear = linear_eval.main(CPU + ["--pixels", *SMALL, "--epochs", "1", "--cached", "--json",
+                                     str(tmp_path / "linear.json")])
+    after = datetime.datetime.now(datetime.timezone.utc)
+    cpuinfo = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    flags = (re.search(r"^flags\s*:(.*)$", cpuinfo, re.MULTILINE) or [None, ""])[1].split()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    for res, path in ((knn, "knn.json"), (linear, "linear.json")):
+        m = json.loads((tmp_path / path).read_text())["machine"]
+        assert m == res["machine"]
+        assert set(m) == {"cpu", "cpu_flags", "cores", "threads", "gpu", "gpus", "world_size", "torch", "commit",
+                          "modified", "start", "end"}
+        assert m["cpu"] and m["cpu_flags"] == [f for f in ("avx2", "avx512f", "avx512_bf16") if f in flags]
+        assert m["cores"] == len(os.sched_getaffinity(0)) and m["threads"] == torch.get_num_threads() >= 1
+        assert m["gpus"] == torch.cuda.device_count() and (m["gpu"] is None) == (m["gpus"] == 0)
+        assert (m["world_size"], m["torch"]) == (1, torch.__version__)
+        assert m["commit"] == (commit or None) and isinstance(m["modified"], bool) == bool(commit)
+        start, end = (datetime.datetime.fromisoformat(m[key]) for key in ("start", "end"))
+        assert start.utcoffset() == end.utcoffset() == datetime.timedelta(0)
+        assert before <= start <= end <= after
+
+
+def test_the_machine_record_outside_a_checkout_or_without_git(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluation, "PROJECT", str(tmp_path))  # not a git checkout
+    m = evaluation.machine(0, torch.device("cpu"))
+    assert (m["commit"], m["modified"], m["start"]) == (None, None, "1970-01-01T00:00:00+00:00")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git at all
+    assert evaluation.git("rev-parse", "HEAD") is None
 
 
 @pytest.mark.parametrize("script", [knn_eval, linear_eval])

@@ -1,4 +1,5 @@
 import copy
+import functools
 import json
 import math
 import os
@@ -15,9 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bench
+import data
 import knn_eval
 import linear_eval
 import pretrain
+from ddp_worker import InfGradient, overflow_at
 from models import MoCo, SplitBatchNorm, split_batchnorm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -249,8 +252,6 @@ def test_bad_inputs_end_with_one_sentence_and_keep_the_checkpoint(tmp_path):
         run(tmp_path, "--moco-k", "24", "--symmetric", name="k")
     with pytest.raises(SystemExit, match="--bn-splits 3 does not divide"):
         run(tmp_path, "--bn-splits", "3", name="k")
-    with pytest.raises(SystemExit, match="--amp fp16 needs a CUDA device; on cpu use --amp bf16, auto or off."):
-        run(tmp_path, "--amp", "fp16", name="k")  # TINY runs on the CPU
     with pytest.raises(SystemExit):  # argparse: invalid choice, exit code 2
         run(tmp_path, "--arch", "vgg16", name="k")
 
@@ -279,15 +280,21 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
     assert open(os.path.join(out, "checkpoint.pt"), "rb").read() == good
 
 
-# ----- bf16 autocast on the CPU: the path every GPU run takes by default (--amp auto is bf16 on CUDA) ----------------
+# ----- bf16 and fp16 autocast on the CPU: the paths every GPU run takes (--amp auto is bf16 on CUDA, fp16 where a GPU
+# has no bf16); fp16 brings the gradient scaler, whose skipped steps, scale and resume are checked here ---------------
 
-BF16 = ["--aug-backend", "batched", "--bn-splits", "2", "--symmetric", "--smooth", "0.1", "--smooth-k", "3",
-        "--head-bn", "--amp", "bf16"]
+AMP = ["--aug-backend", "batched", "--bn-splits", "2", "--symmetric", "--smooth", "0.1", "--smooth-k", "3",
+       "--head-bn"]
+BF16 = AMP + ["--amp", "bf16"]
+FP16 = AMP + ["--amp", "fp16"]
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def test_bf16_steps_run_the_encoders_in_bf16_and_the_loss_in_fp32(tmp_path, monkeypatch):
-    """Under --amp bf16 the encoders' outputs are bf16 (autocast is on), the loss and the pretext accuracy see fp32
-    (logits / tau over K entries need the precision), the weights, the queue and the BN statistics stay fp32."""
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_steps_run_the_encoders_in_half_precision_and_the_loss_in_fp32(tmp_path, monkeypatch, amp):
+    """Under --amp bf16 / fp16 the encoders' outputs are in that precision (autocast is on), the loss and the pretext
+    accuracy see fp32 (logits / tau over K entries and their softmax need the precision), the weights of both
+    encoders, the queue and the BN statistics stay fp32."""
     seen, real = [], pretrain.soft_info_nce
     monkeypatch.setattr(pretrain, "soft_info_nce", lambda q, k, queue, *a: seen.append((q.dtype, k.dtype,
                                                                                         queue.dtype)) or
@@ -295,9 +302,9 @@ def test_bf16_steps_run_the_encoders_in_bf16_and_the_loss_in_fp32(tmp_path, monk
     outputs = []
     original = MoCo.forward
     monkeypatch.setattr(MoCo, "forward", lambda self, *a, **k: outputs.append(original(self, *a, **k)) or outputs[-1])
-    _, model = run(tmp_path, *BF16, "--max-steps", "2")
+    _, model = run(tmp_path, *AMP, "--amp", amp, "--max-steps", "2")
     q1, q2, k1, k2, queue = outputs[0]
-    assert q1.dtype == q2.dtype == k1.dtype == k2.dtype == torch.bfloat16 and queue.dtype == torch.float32
+    assert q1.dtype == q2.dtype == k1.dtype == k2.dtype == HALF[amp] and queue.dtype == torch.float32
     assert seen and all(dtypes == (torch.float32,) * 3 for dtypes in seen)  # both terms of the symmetric loss
     assert all(t.dtype in (torch.float32, torch.int64) for t in model.state_dict().values())
 
@@ -319,12 +326,99 @@ def test_bf16_runs_are_finite_resume_exactly_and_evaluate(tmp_path):
     assert 0 <= res["knn"][0]["top1"] <= 100
 
 
-def test_amp_auto_is_fp32_on_a_cpu():
+def test_amp_auto_is_fp32_on_a_cpu_and_fp16_alone_scales(capsys):
     args = pretrain.get_args(TINY)
     _, _, scaler, autocast = pretrain.build(args, torch.device("cpu"))
-    assert isinstance(autocast, nullcontext) and not scaler.is_enabled()
+    assert isinstance(autocast, nullcontext) and not scaler.is_enabled() and args.precision == "fp32"
     _, _, scaler, autocast = pretrain.build(pretrain.get_args(TINY + ["--amp", "bf16"]), torch.device("cpu"))
     assert autocast.fast_dtype == torch.bfloat16 and autocast.device == "cpu" and not scaler.is_enabled()
+    assert "fp16" not in capsys.readouterr().err
+    _, _, scaler, autocast = pretrain.build(pretrain.get_args(TINY + ["--amp", "fp16"]), torch.device("cpu"))
+    assert autocast.fast_dtype == torch.float16 and autocast.device == "cpu"
+    assert scaler.is_enabled() and scaler._device == "cpu"  # the scaler of the device the run is on
+    assert "--amp fp16 on a CPU runs the GPU's fp16 path" in capsys.readouterr().err  # slow there: said once
+
+
+def test_an_overflowing_fp16_step_is_skipped_as_in_moco(monkeypatch):
+    """A step whose gradients overflow (inf, injected) leaves the query encoder's weights and SGD's momentum as they
+    were and halves the scale. What MoCo's own code does on such a step stands here too: the key encoder takes its
+    momentum step towards the (unchanged) query encoder and the step's keys join the queue, both in the forward
+    before the loss is known. The step after it trains normally."""
+    args = pretrain.get_args(TINY + FP16)
+    torch.manual_seed(0)
+    model, optimizer, scaler, autocast = pretrain.build(args, torch.device("cpu"))
+    images = data.synthetic_data("train", 16, size=32)[0]
+    augment = data.BatchedAugment(args.aug, 32, (0.5,) * 3, (0.5,) * 3)
+    views = [augment(images, torch.Generator().manual_seed(i)) for i in range(6)]
+    step = lambda x1, x2: pretrain.train_step(model, x1, x2, optimizer, scaler, autocast, args, 0.9, 0.1)  # noqa
+    for _ in range(20):  # until a step is taken (at the first scale, 2**16, this network's gradients overflow fp16)
+        step(*views[:2])
+        if optimizer.state:  # SGD's momentum buffers exist from here on
+            break
+    query = {k: v.clone() for k, v in model.encoder_q.state_dict().items()}
+    keys = [p.clone() for p in model.encoder_k.parameters()]
+    momentum = [optimizer.state[p]["momentum_buffer"].clone() for p in model.encoder_q.parameters()]
+    queue, scale = model.queue.clone(), scaler.get_scale()
+    real = pretrain.soft_info_nce
+    monkeypatch.setattr(pretrain, "soft_info_nce", lambda *a, **k: InfGradient.apply(real(*a, **k)))
+    loss, _, _ = step(*views[2:4])
+    assert loss.isfinite()  # the forward was fine: only the gradients overflowed
+    assert scaler.get_scale() == scale / 2
+    for name, value in model.encoder_q.named_parameters():
+        assert torch.equal(value, query[name]), name  # no SGD step ...
+    for p, buf in zip(model.encoder_q.parameters(), momentum):
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], buf)  # ... and its momentum unchanged
+    for k, k0, q in zip(model.encoder_k.parameters(), keys, model.encoder_q.parameters()):
+        torch.testing.assert_close(k, 0.9 * k0 + 0.1 * q)  # the key encoder's momentum step stands
+    assert not torch.isclose(model.queue, queue).all(0).any()  # both views' 32 keys replaced the queue's 32 entries
+    monkeypatch.setattr(pretrain, "soft_info_nce", real)
+    step(*views[4:])
+    assert scaler.get_scale() == scale / 2 and any(not torch.equal(v, query[n])
+                                                   for n, v in model.encoder_q.named_parameters())
+
+
+def test_an_fp16_run_resumes_bit_identical_after_its_scale_changed(tmp_path, monkeypatch):
+    """Step 3 of 8 overflows (inf gradients, injected) and the scaler grows its scale back after 3 clean steps: it
+    halves at step 3 and doubles at step 6. A run stopped at step 4 (scale halved, one clean step counted) and resumed
+    ends with the weights, queue, BN statistics and scaler state (scale and count of clean steps) of the run never
+    stopped: without the count restored, the scale would grow a step late. The log and summary record the scale."""
+    # a first scale at which this network's gradients fit fp16 (at 2**16 they overflow for its first steps)
+    scaler = functools.partial(torch.amp.GradScaler, init_scale=2.0**8, growth_interval=3)
+    monkeypatch.setattr(pretrain.torch.amp, "GradScaler", scaler)
+    real = pretrain.soft_info_nce
+    monkeypatch.setattr(pretrain, "soft_info_nce", overflow_at(3, calls_per_step=2))  # the symmetric loss
+    full_out, full = run(tmp_path, *FP16, "--log-every", "1", name="full")
+    monkeypatch.setattr(pretrain, "soft_info_nce", real)
+    monkeypatch.setattr(pretrain, "soft_info_nce", overflow_at(3, calls_per_step=2))
+    out, _ = run(tmp_path, *FP16, "--max-steps", "4", "--log-every", "1", name="part")
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    monkeypatch.setattr(pretrain, "soft_info_nce", real)
+    _, resumed = run(tmp_path, *FP16, "--resume", name="part")
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    saved = [torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True)["scaler"] for d in (full_out, out)]
+    assert saved[0] == saved[1]
+    scales = [r["amp_scale"] for r in map(json.loads, open(os.path.join(full_out, "log.jsonl"))) if "amp_scale" in r]
+    assert scales == [256, 256, 128, 128, 128, 256, 256, 256]  # steps 1-8: halved by the skip, grown after 4-6
+    assert ckpt["scaler"]["scale"] == scales[3] and ckpt["scaler"]["_growth_tracker"] == 1
+    assert ckpt["args"]["precision"] == "fp16"
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["amp_scale"] == scales[-1] and summary["resumed_at_step"] == 4
+    assert len(summary["machines"]) == 2 and summary["machines"][-1] == summary["machine"]  # both sessions recorded
+    assert summary["machines"][0]["end"] <= summary["machine"]["start"]
+
+
+def test_a_resume_in_another_precision_is_one_sentence(tmp_path):
+    """--amp may be spelled another way on resume (a checkpoint's auto that meant fp16 on its GPU is resumed with
+    --amp fp16 on a CPU) but never mean another precision: the scaler's state and the numbers would not continue."""
+    out, _ = run(tmp_path, *FP16, "--max-steps", "2")
+    before = open(os.path.join(out, "checkpoint.pt"), "rb").read()
+    for amp, precision in (("off", "fp32"), ("bf16", "bf16"), ("auto", "fp32")):
+        with pytest.raises(SystemExit, match=f"was trained in fp16 and --amp {amp} means {precision} on cpu: resume "
+                                             f"it with --amp fp16, or choose another --out."):
+            run(tmp_path, *FP16[:-2], "--amp", amp, "--resume")
+    assert open(os.path.join(out, "checkpoint.pt"), "rb").read() == before
+    run(tmp_path, *FP16, "--resume", "--max-steps", "3")  # the same precision resumes
 
 
 def test_two_process_ddp_run_keeps_ranks_identical(tmp_path):
@@ -338,6 +432,24 @@ def test_two_process_ddp_run_keeps_ranks_identical(tmp_path):
     ranks = json.loads(result.read_text())
     assert ranks["identical"], ranks
     assert ranks["queue_ptr"] == 3 * 16 % 32  # keys of both ranks were enqueued
+
+
+def test_an_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """--amp fp16 under torchrun (gloo): rank 1 alone overflows at step 3 (tests/ddp_worker.py). DDP averages the
+    gradients over the ranks before the scaler unscales and checks them, so the inf reaches every rank: each skips
+    the step and halves its scale, and the replicas stay identical (had rank 0 stepped alone, they would differ)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "tests", "ddp_worker.py"), str(tmp_path / "ranks.json")] + TINY + [
+        "--aug-backend", "batched", "--bn-splits", "2", "--amp", "fp16", "--max-steps", "4", "--log-every", "1",
+        "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "INF_GRADIENT_ON_RANK": "1:3",
+                               "AMP_INIT_SCALE": "256"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = json.loads((tmp_path / "ranks.json").read_text())
+    assert ranks["identical"], ranks
+    log = [json.loads(line) for line in open(tmp_path / "ddp" / "log.jsonl")]
+    assert [r["amp_scale"] for r in log if "amp_scale" in r] == [256, 256, 128, 128]
 
 
 def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(tmp_path):

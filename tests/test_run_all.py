@@ -135,6 +135,69 @@ def test_mistakes_are_refused_before_any_folder_is_made(tmp_path):
     assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "results")
 
 
+def test_seeds_archs_and_study_dir_mistakes_are_one_sentence(tmp_path):
+    """The issue's SEEDS_ARCHS typo ran one seed under a "3 seed(s)" banner: a network models.py lacks, or one this
+    study's ARCHS leaves out, is refused like ARCHS; so is a STUDY_DIR that cannot be a folder. Nothing is made."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    folder = tmp_path / "study"
+    for env, sentence, dry_runs in (
+            ({"SEEDS": "3", "SEEDS_ARCHS": "mobilenet_v3_small"}, "SEEDS_ARCHS names mobilenet_v3_small, not a "
+                                                                   "network of models.py: choose from", ("1", "")),
+            ({"SEEDS": "3", "SEEDS_ARCHS": "resnet18"}, "SEEDS_ARCHS names resnet18, not a network of this study "
+                                                        "(ARCHS: mobilenetv3_small): name networks of ARCHS", ("1",)),
+            ({"STUDY_DIR": str(blocker)}, f"STUDY_DIR={blocker} cannot hold the study's runs/ and results/, as "
+                                          f"{blocker} is not a folder: choose another STUDY_DIR.", ("1", "")),
+            ({"STUDY_DIR": str(blocker / "sub")}, f"as {blocker} is not a folder", ("1",))):
+        for dry in dry_runs:
+            proc = study(folder, DRY_RUN=dry, **env)
+            assert proc.returncode == 2 and sentence in proc.stderr, (env, dry, proc.stderr)
+            assert len(proc.stderr.strip().splitlines()) == 1 and "seed(s)" not in proc.stdout, proc.stderr
+    assert not folder.exists() and blocker.read_text() == "not a folder"
+    proc = study(folder, DRY_RUN="1", SEEDS="3", SEEDS_ARCHS="mobilenetv3_small")  # the networks of ARCHS: fine
+    assert proc.returncode == 0 and "x 3 seed(s) (seeds past 0: mobilenetv3_small)" in proc.stdout, proc.stderr
+
+
+def test_help_prints_the_usage_before_the_set_up():
+    """The header of run_all.sh is its usage; PYTHON names no interpreter, so any set-up would fail."""
+    with open(os.path.join(ROOT, "run_all.sh")) as f:
+        header = [line for line in f.read().split("\nset -euo pipefail")[0].splitlines()[1:]]
+    usage = "".join(line.removeprefix("#").removeprefix(" ") + "\n" for line in header)
+    for word in ("--help", "-h", "help"):
+        proc = subprocess.run(["bash", "run_all.sh", word], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "PYTHON": "/nonexistent/python"})
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, usage, ""), word
+    assert "bash run_all.sh [PRESET] [DATA_DIR]" in usage and "\n#" not in usage
+
+
+def test_the_machine_line_counts_the_runs_each_machine_made():
+    """From hand-made results: a CPU and a GPU machine and files from before the record, counted per machine;
+    nothing of the machine that builds the report."""
+    record = {"cpu": "AMD EPYC 7B13", "cpu_flags": ["avx2", "avx512f"], "cores": 2, "threads": 1, "gpu": None,
+              "gpus": 0, "world_size": 1, "torch": "2.5.1", "commit": "c3662e8", "modified": False,
+              "start": "2026-12-04T10:00:00+00:00", "end": "2026-12-04T10:05:00+00:00"}
+    cpu = json.loads(json.dumps({"device": "cpu", "machine": record}))
+    gpu = json.loads(json.dumps({"device": "cuda", "machine": {**record, "gpu": "NVIDIA H100", "gpus": 8,
+                                                               "world_size": 8, "torch": "2.6.0"}}))
+    old = {"device": "cpu"}
+    line = report.machine_line({"pretraining": [gpu, cpu, old, cpu], "evaluation": [cpu, old]})
+    assert line == ("Machine: pretraining, 2 runs on AMD EPYC 7B13 (avx2 avx512f, 2 cores / 1 thread); 1 run on "
+                    "NVIDIA H100 x 8; 1 run not recorded. Evaluations, 1 file on AMD EPYC 7B13 (avx2 avx512f, 2 "
+                    "cores / 1 thread); 1 file not recorded. Torch 2.5.1, 2.6.0.")
+    assert report.machine_line({"pretraining": [old], "evaluation": [old, old]}) == (
+        "Machine: pretraining, 1 run not recorded. Evaluations, 2 files not recorded. Torch not recorded.")
+
+
+def test_the_table_names_the_machine_its_runs_recorded(finished):
+    tmp_path, _ = finished
+    out = tmp_path / "results" / "smoke"
+    summary = json.load(open(out / RUN / "summary.json"))
+    here = report.machine_name(summary)
+    assert here.startswith(summary["machine"]["cpu"]) and summary["machine"]["torch"] == torch.__version__
+    table = (out / "RESULTS.md").read_text()  # 2 seeds x 2 recipes; 13 files: 4 x (kNN, linear), 2 x 2 refs, pixels
+    assert f"Machine: pretraining, 4 runs on {here}. Evaluations, 13 files on {here}." in table
+
+
 def test_a_new_checkpoint_is_evaluated_again(finished, tmp_path):
     """An evaluation names the checkpoint it measured: one written by another pretraining in the same folder (here
     its weights perturbed) gets new kNN and linear results; the other runs' results stay."""

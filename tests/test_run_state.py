@@ -1,8 +1,12 @@
 """run_state.py: what a pretraining run keeps around the method (its numbers, checks, processes and resuming),
 tested piece by piece; tests/test_pretrain.py runs them end to end through pretrain.main."""
+import argparse
+import datetime
+import json
 import os
 import re
 import shlex
+import time
 
 import pytest
 import torch
@@ -83,3 +87,25 @@ def test_ctrl_c_under_torchrun_says_torchrun(tmp_path, monkeypatch):
 def test_duration_has_days_past_24_hours():
     assert run_state.duration(25 * 3600) == "1d 01:00:00"
     assert run_state.duration(3599.6) == "01:00:00"
+
+
+def test_the_summary_records_where_the_run_ran(tmp_path):
+    """summary.json's machine record (evaluation.machine): this session, from the run's folder being opened to the
+    summary, with torchrun's world size; another rank writes nothing."""
+    opened = time.time()
+    files = run_state.RunFiles(str(tmp_path), master=True)
+    open(files.log_path, "w").close()
+    args = argparse.Namespace(arch="mobilenetv3_small", epochs=1)
+    files.write_summary(args, tiny_moco(), torch.device("cpu"), 4, 64, 8, 8, 2.0, 256.0, 0)
+    written = time.time()
+    summary = json.load(open(files.summary_path))
+    m = summary["machine"]
+    assert (m["world_size"], summary["world_size"], m["torch"], m["threads"]) == (4, 4, torch.__version__,
+                                                                               torch.get_num_threads())
+    assert m["cpu"] and m["cores"] >= 1 and set(m["cpu_flags"]) <= {"avx2", "avx512f", "avx512_bf16"}
+    start, end = (datetime.datetime.fromisoformat(m[key]).timestamp() for key in ("start", "end"))
+    assert int(opened) <= start <= end <= written and m["start"].endswith("+00:00")
+    os.remove(files.summary_path)
+    run_state.RunFiles(str(tmp_path), master=False).write_summary(args, tiny_moco(), torch.device("cpu"), 4, 64, 8,
+                                                                  8, 2.0, 256.0, 0)
+    assert not os.path.exists(files.summary_path)
