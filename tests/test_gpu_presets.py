@@ -16,6 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import knn_eval
+import linear_eval
+import pretrain
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 ARCHS = "resnet18 mobilenetv3_small"
@@ -25,9 +29,12 @@ PRETRAIN = ["--max-steps", "2", "--subset", "128", "--batch-size", "32", "--moco
             "--knn-subset", "64", "--workers", "2", "--log-every", "1"]
 KNN = ["--subset", "64", "--test-subset", "32", "--batch-size", "32", "--workers", "2"]
 LINEAR = KNN + ["--epochs", "2", "--schedule", "1"]
-# 224 px: smaller steps, and a queue that still holds one symmetric step's keys
-IMAGENET = ["--subset", "48", "--batch-size", "16", "--moco-k", "32", "--knn-subset", "24"]
+# 224 px: smaller steps and banks, and a queue that still holds one symmetric step's keys
+IMAGENET = {"pretrain.py": ["--subset", "24", "--batch-size", "8", "--moco-k", "16", "--knn-subset", "16"],
+            "knn_eval.py": ["--subset", "16", "--test-subset", "8"],
+            "linear_eval.py": ["--subset", "16", "--test-subset", "8"]}
 BUDGET = {"pretrain.py": PRETRAIN, "knn_eval.py": KNN, "linear_eval.py": LINEAR}
+SCRIPTS = {"pretrain.py": pretrain, "knn_eval.py": knn_eval, "linear_eval.py": linear_eval}
 
 
 def fake_cifar10(root, per_file=30):
@@ -83,11 +90,9 @@ def test_a_gpu_preset_runs_its_own_commands_on_the_cpu(tmp_path, preset):
     # per network: two pretrainings with their kNN and linear evaluation, two random-init references; raw pixels once
     assert [script for script, _ in todo] == (["pretrain.py", "knn_eval.py", "linear_eval.py"] * 2 * 2
                                               + ["knn_eval.py"] * 2 * 2 + ["knn_eval.py"])
-    for script, argv in todo:
-        budget = BUDGET[script] + (IMAGENET if preset == "imagenet" and script == "pretrain.py" else [])
-        proc = subprocess.run([sys.executable, script, *argv, *budget], cwd=ROOT, capture_output=True, text=True,
-                              timeout=900, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-        assert proc.returncode == 0, f"{script} {shlex.join(argv)}:\n{proc.stderr[-3000:]}"
+    for script, argv in todo:  # each script's main() reads the command line as the process would
+        budget = BUDGET[script] + (IMAGENET[script] if preset == "imagenet" else [])
+        SCRIPTS[script].main(argv + budget)
         if script == "pretrain.py":  # the run trained as the preset says, for the steps asked
             summary = json.load(open(os.path.join(argv[argv.index("--out") + 1], "summary.json")))
             flags = summary["args"]
@@ -97,7 +102,7 @@ def test_a_gpu_preset_runs_its_own_commands_on_the_cpu(tmp_path, preset):
                 "fmnist": 28, "cifar10": 32, "imagenet": 224}[preset]
         else:
             result = json.load(open(argv[argv.index("--json") + 1]))
-            assert result  # written: the evaluation finished
+            assert result["seconds"] > 0  # written: the evaluation finished
     small = [argv for script, argv in todo if script == "pretrain.py" and "--symmetric" in argv]
     assert len(small) == 2  # the small recipe is symmetric on every GPU preset
     if preset == "imagenet":
