@@ -5,7 +5,7 @@
     python3 -m torch.distributed.run --standalone --nproc_per_node=8 pretrain.py ...     # one process per GPU
 
 The defaults are the MoCo-v2 baseline (with CIFAR's queue of 4096). recipes/*.args hold the two recipes' own flags
-(@FILE reads flags from a file, # starts a comment) and presets/*.sh each study's others. OUT holds checkpoint.pt
+(@FILE reads flags from a file, # starts a comment), presets/NAME/*.args each study's others. OUT holds checkpoint.pt
 (written atomically every epoch), log.jsonl and summary.json ("complete": false after a --max-steps stop); Ctrl-C
 prints the command that resumes the run. Reading order: the flags; the method (lr schedule, model, one MoCo step);
 the loop with its log and checkpoints; the set-up. What the loop keeps around the method (the run's folder, the

@@ -1,10 +1,11 @@
-"""The study's results, from the files run_all.sh's jobs wrote under OUT_DIR: RESULTS.md (tables to paste into a
+"""The study's results, from the files study.py's jobs wrote under OUT_DIR: RESULTS.md (tables to paste into a
 paper), results.csv (one row per network, recipe and seed) and results.svg (kNN per network and recipe with every
 seed against the references, and the health curves: pretext accuracy and the kNN monitor per epoch).
 
     python3 report.py results/demo          # rebuilds the three files from the study's JSON, logs and study.json
 
-OUT_DIR/study.json (written by run_all.sh) names the preset, the networks, the seeds and the invocation. Every figure
+OUT_DIR/study.json (written by study.py) names the preset, the networks, the seeds, the invocation and the slices that
+ran it; runs and references not finished yet are named, not tabled. Every figure
 over seeds is mean +- sd (sample standard deviation, n - 1) and n. Comparisons are paired by seed: a learned network
 against its own seed's random init, the small-model recipe against the baseline of the same seed; a paired
 difference counts as beyond the seed spread when a two-sided paired t-test rejects "no difference" at 5%.
@@ -18,7 +19,7 @@ import os
 import statistics
 
 import data
-from evaluation import STALE_BN
+from evaluation import STALE_BN, git
 
 RECIPES = ("baseline", "small")
 # two-sided 5% critical values of Student's t for 1..30 degrees of freedom (beyond: the normal's 1.96)
@@ -95,6 +96,45 @@ def collect(out, archs, seeds):
     return rows, refs, eval_s, pixels, linear, made
 
 
+def finished(out, planned):
+    """({arch: the seeds whose two runs (pretraining, kNN, linear) and references have all finished}, the planned
+    jobs that have not, by study.py's names): a study in time-boxed slices is reported from what is there."""
+    done, missing = {}, []
+    files = ("summary.json", "knn.json", "linear.json")
+    for arch, seeds in planned.items():
+        for seed in seeds:
+            run = all(os.path.exists(f"{out}/{arch}_{r}_s{seed}/{f}") for r in RECIPES for f in files)
+            refs = all(os.path.exists(f"{out}/{arch}_random_s{seed}/{f}") for f in ("knn.json", "knn_bn.json"))
+            if run and refs:
+                done.setdefault(arch, []).append(seed)
+            missing += ([] if run else [f"run:{arch}:{seed}"]) + ([] if refs else [f"refs:{arch}:{seed}"])
+    return done, missing
+
+
+def slices_section(study):
+    """Markdown: each slice of the study (an invocation of run_all.sh / study.py) with its machine, the jobs it
+    finished and its predicted and actual wall time; the jobs still missing."""
+    lines = []
+    if study.get("slices"):
+        lines += ["", "## How the study ran", "",
+                  "| slice | invocation | machine | jobs at once | jobs finished | predicted | took |",
+                  "|---|---|---|---|---|---|---|"]
+        for i, sl in enumerate(study["slices"], 1):
+            m = sl.get("machine") or {}
+            where = (f"{m['gpu']} x {m['gpus']}" if m.get("gpus") else
+                     f"{m.get('cpu')} ({' '.join(m.get('cpu_flags', [])) or 'no AVX2'}, {m.get('cores')} cores)")
+            lines.append(f"| {i} | `{sl['invocation']}` | {where} | {sl.get('jobs')} | {len(sl.get('finished', []))} "
+                         f"| {minutes(sl.get('predicted_s'))} | {minutes(sl.get('seconds'))} |")
+    if study.get("missing"):
+        lines += ["", f"Not finished yet, so not in the tables (the same command again continues the study): "
+                      f"{', '.join(study['missing'])}."]
+    return lines
+
+
+def minutes(seconds):
+    return "-" if seconds is None else f"{seconds / 60:.1f} min"
+
+
 def machine_name(results):
     """Where a results file says it was made (its "machine" record, evaluation.machine): the GPU's name and count
     for work on a GPU, else the CPU's model, its instruction sets of evaluation.CPU_FLAGS, the cores it could use
@@ -106,6 +146,33 @@ def machine_name(results):
         return f"{m['gpu']} x {m['gpus']}"
     return (f"{m['cpu']} ({' '.join(m['cpu_flags']) or 'no AVX2'}, {plural(m['cores'], 'core')} / "
             f"{plural(m['threads'], 'thread')})")
+
+
+# the code a result depends on: the method, the data, the evaluations (not the study's machinery or the report)
+CODE = ("pretrain.py", "run_state.py", "models.py", "losses.py", "data.py", "evaluation.py", "knn_eval.py",
+        "linear_eval.py")
+
+
+def code_line(made):
+    """A sentence on the code that made the results: the commits their machine records name, and for each whose
+    training or evaluation code (CODE) differs from this checkout's, the files that differ; results made from a
+    modified tree and results without a record are counted."""
+    records = [r["machine"] for files in made.values() for r in files if r.get("machine")]
+    commits = collections.Counter(m.get("commit") for m in records if m.get("commit"))
+    head = git("rev-parse", "HEAD")
+    parts = []
+    for commit, count in sorted(commits.items(), key=lambda kv: -kv[1]):
+        changed = None if commit == head else git("diff", "--name-only", commit, "HEAD", "--", *CODE)
+        what = (f"{plural(count, 'file')} from commit {commit[:7]}" + (
+            "" if commit == head or changed == "" else
+            f", whose training or evaluation code differs from this checkout's ({', '.join(changed.split())})"
+            if changed else ", a commit this checkout does not have"))
+        parts.append(what)
+    dirty = sum(1 for m in records if m.get("modified"))
+    unrecorded = sum(1 for files in made.values() for r in files if not (r.get("machine") or {}).get("commit"))
+    return ("Code: " + "; ".join(parts or ["no commit recorded"])
+            + (f"; {plural(dirty, 'file')} made from a modified tree" if dirty else "")
+            + (f"; {plural(unrecorded, 'file')} without a recorded commit" if unrecorded else "") + ".")
 
 
 def machine_line(made):
@@ -168,12 +235,13 @@ def markdown(study, rows, refs, eval_s, pixels, linear, seeds, made):
     bn = ("precise BN: every checkpoint's BN statistics re-estimated on the bank's training images" if
           all(r["precise_bn"] for r in rows) else "each checkpoint's own BN running statistics" if
           not any(r["precise_bn"] for r in rows) else "precise BN where the run's knn.json says so")
-    took = (f" This invocation took {study['seconds'] / 60:.1f} min; the stages' own times sum to "
+    took = (f" Its invocations took {study['seconds'] / 60:.1f} min; the stages' own times sum to "
             f"{(pretrain_s + eval_s) / 60:.1f} min (pretraining {pretrain_s / 60:.1f}, evaluation {eval_s / 60:.1f}; "
             f"resumed runs included)." if study.get("seconds") is not None else "")
     lines = [f"# run_all.sh {study['preset']}: results", "",
              f"`{study['invocation']}`: {plural(len(archs), 'network')} x 2 recipes; seeds per network: {seeded}. "
-             f"{machine_line(made)}{took}" + (f" {study['notes']['study']}" if study["notes"].get("study") else ""),
+             f"{machine_line(made)} {code_line(made)}{took}" + (f" {study['notes']['study']}" if study["notes"].get(
+                 "study") else ""),
              "", "![kNN per network and recipe, and the health curves](results.svg)", "",
              f"Figures over seeds are mean ± sd (n = the network's seeds; one seed: the value alone). kNN: weighted, "
              f"k {rows[0]['knn_k']}, T 0.1, on the backbone's pooled features with {bn}, bank and queries as each "
@@ -232,6 +300,7 @@ def markdown(study, rows, refs, eval_s, pixels, linear, seeds, made):
                      f"{'one seed: not measured' if beyond is None else 'yes' if beyond else 'no'} | "
                      f"{' / '.join(f'{d:+.2f}' for d in linear_diff)} | {spread(linear_diff)} |")
     lines += neighbours_section(study, rows, archs)
+    lines += slices_section(study)
     return "\n".join(lines) + "\n"
 
 
@@ -412,7 +481,12 @@ def main(argv=None):
     study["out"] = args.out
     notes_file = os.path.join(args.out, "notes.json")  # sentences written by hand after looking at the results
     study["notes"] = load(notes_file) if os.path.isfile(notes_file) else {}
-    seeds = {arch: list(range(study["seeds"])) if arch in study["seeds_archs"] else [0] for arch in study["archs"]}
+    planned = {arch: list(range(study["seeds"])) if arch in study["seeds_archs"] else [0] for arch in study["archs"]}
+    seeds, study["missing"] = finished(args.out, planned)
+    study["archs"] = [a for a in study["archs"] if seeds.get(a)]
+    if not study["archs"] or not os.path.exists(f"{args.out}/pixels/knn.json"):
+        raise SystemExit(f"{args.out}: no network has a finished run of both recipes with its references and the raw "
+                         f"pixels yet, so there is no table to build.")
     rows, refs, eval_s, pixels, linear, made = collect(args.out, study["archs"], seeds)
     with open(f"{args.out}/results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -1,20 +1,26 @@
-"""run_all.sh, end to end on its `smoke` preset (synthetic images, a few steps, one network): the jobs chain, the
-table is written, a finished study is skipped on rerun, an evaluation is redone when its checkpoint changes, and a
-failing job stops the study without a table. Also report.py's statistics and every preset's commands."""
+"""run_all.sh and study.py, end to end on the `smoke` preset (synthetic images, a few steps, one network): the jobs
+chain, the table is written, a finished study is skipped on rerun and grows by what is new, an evaluation is redone
+when its checkpoint changes, a run whose recorded command differs is rerun without losing the old one first, a
+failing job stops the study, a time box stops it with the runs kept, and the plan runs under xargs. Also report.py's
+statistics and every preset's commands."""
 import csv
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
+import signal
 import sys
+import time
 
 import pytest
 import torch
 
 import report
 import run_state
+import study as engine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = "mobilenetv3_small_small_s0"
@@ -22,7 +28,7 @@ RUN = "mobilenetv3_small_small_s0"
 
 def study(tmp_path, preset="smoke", **env):
     env = {**os.environ, "ARCHS": "mobilenetv3_small", "STUDY_DIR": str(tmp_path), "PYTHON": sys.executable,
-           "CUDA_VISIBLE_DEVICES": "", **env}  # a test meant for the CPU, GPU or not
+           "CUDA_VISIBLE_DEVICES": "", "COST": "0", **env}  # a test meant for the CPU, GPU or not; dry runs untimed
     return subprocess.run(["bash", "run_all.sh", preset], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
 
@@ -98,7 +104,8 @@ def test_a_rerun_skips_finished_stages(finished):
     proc = study(tmp_path, SEEDS="2", JOBS="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "steps/epoch" not in proc.stdout and "kNN top-1" not in proc.stdout  # nothing trained or evaluated
-    assert proc.stdout.count(": done, skipped") == 7  # and it says so, job by job
+    assert proc.stdout.count(": done, skipped") == 7  # and it says so, job by job (4 runs, 2 refs, pixels)
+    assert "timing each network" not in proc.stdout  # nothing to run: no cost probe either
     assert ckpt.stat().st_mtime_ns == before
     assert (tmp_path / "results" / "smoke" / "RESULTS.md").exists()
 
@@ -208,56 +215,60 @@ def test_a_new_checkpoint_is_evaluated_again(finished, tmp_path):
     saved["model"][name] = saved["model"][name] + 0.01
     torch.save(saved, ckpt)
     other = (out / "mobilenetv3_small_baseline_s0" / "knn.json").read_text()
+    trained = (out / RUN / "output.log").read_text().count("steps/epoch")
     proc = study(tmp_path, SEEDS="2", JOBS="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     for result in ("knn.json", "linear.json"):
         assert json.load(open(out / RUN / result))["ckpt_sha256"] == digest, result
     assert (out / "mobilenetv3_small_baseline_s0" / "knn.json").read_text() == other
-    assert "steps/epoch" not in proc.stdout  # the pretraining itself was complete
+    assert (out / RUN / "output.log").read_text().count("steps/epoch") == trained  # the pretraining was complete
 
 
 @pytest.mark.parametrize("jobs", ["1", "2"])
-def test_a_failing_job_stops_the_study_without_a_table(finished, tmp_path, jobs):
+def test_a_failing_job_stops_the_study_and_builds_no_table(finished, tmp_path, jobs):
     shutil.copytree(finished[0], tmp_path, dirs_exist_ok=True)
+    table = (tmp_path / "results" / "smoke" / "RESULTS.md").read_text()
     (tmp_path / "results" / "smoke" / RUN / "knn.json").unlink()
     (tmp_path / "runs" / "smoke" / RUN / "checkpoint.pt").write_bytes(b"not a checkpoint")
     proc = study(tmp_path, SEEDS="2", JOBS=jobs)
     seen = f"exit {proc.returncode}\n--- stdout:\n{proc.stdout[-2000:]}\n--- stderr:\n{proc.stderr[-2000:]}"
-    assert proc.returncode != 0, seen
-    assert "is not a readable checkpoint" in (proc.stderr if jobs == "2" else proc.stdout), seen  # JOBS=1: terminal
-    assert "run_all.sh: the job 'run mobilenetv3_small small 0' failed" in proc.stderr, seen
-    assert not (tmp_path / "results" / "smoke" / "RESULTS.md").exists()
+    assert proc.returncode == 1, seen
+    assert "is not a readable checkpoint" in proc.stderr, seen  # the end of the job's output.log
+    assert "study: the job 'run:mobilenetv3_small:0:small' failed (knn_eval.py exit 1)" in proc.stderr, seen
+    assert (tmp_path / "results" / "smoke" / "RESULTS.md").read_text() == table  # the last good table stays
 
 
-def stop_all_script(*jobs):
-    """A bash script: run_all.sh's stop_all (as the script holds it) over these background jobs, under set -e."""
-    text = open(os.path.join(ROOT, "run_all.sh")).read()
-    start = text.index("  stop_all() {")
-    body = text[start:text.index("\n  }\n", start) + 5]
-    launch = "".join(f"( {job} ) & PIDS+=($!)\n" for job in jobs)
-    return f"set -euo pipefail\nset -m\nPIDS=()\n{launch}{body}sleep 1\nstop_all\necho stopped >&2\n"
+def sleeper(ignore_ctrl_c=False, seconds=300):
+    code = ("import signal, time\n" + ("signal.signal(signal.SIGINT, signal.SIG_IGN)\n" if ignore_ctrl_c else "")
+            + f"time.sleep({seconds})")
+    return subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
 
 
 def test_stop_all_outlives_a_job_that_has_already_ended():
-    """A failing job stops the others; one of them may have ended a moment before (its kill then fails): the study
-    still says which job failed instead of exiting silently under set -e."""
-    proc = subprocess.run(["bash", "-c", stop_all_script("exit 0", "exec sleep 20")], capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 0 and "stopped" in proc.stderr, (proc.returncode, proc.stderr)
+    """A failing job stops the others; one of them may have ended a moment before: stopping it must not fail."""
+    runner = engine.Runner.__new__(engine.Runner)
+    done = sleeper(seconds=0)
+    done.wait()
+    runner.slots = [{"proc": done}, {"proc": sleeper()}]
+    runner.stop_all()
+    assert runner.slots == [None, None]
 
 
-def test_stop_all_ends_a_job_that_ignores_ctrl_c():
+def test_stop_all_ends_a_job_that_ignores_ctrl_c(monkeypatch):
     """Where SIGINT is ignored (a study started in the background by a non-interactive shell), TERM follows."""
-    script = stop_all_script("trap '' INT; exec sleep 300")
-    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=100)
-    assert proc.returncode == 0 and "stopped" in proc.stderr, (proc.returncode, proc.stderr)
+    runner = engine.Runner.__new__(engine.Runner)
+    proc = sleeper(ignore_ctrl_c=True)
+    time.sleep(1)  # its handler is set
+    runner.slots = [{"proc": proc}]
+    runner.stop_all(grace=2)
+    assert proc.returncode == -signal.SIGTERM
 
 
 def test_an_unknown_preset_and_bad_numbers_are_refused(tmp_path):
     proc = study(tmp_path, "tiny")
     assert proc.returncode == 2 and "unknown preset 'tiny'" in proc.stderr
-    for var, value in (("SEEDS", "0"), ("JOBS", "two")):
+    for var, value in (("SEEDS", "0"), ("JOBS", "two"), ("HOURS", "0"), ("HOURS", "1h")):
         proc = study(tmp_path, **{var: value})
         assert proc.returncode == 2 and f"{var}={value} is not a number" in proc.stderr
 
@@ -292,11 +303,8 @@ def test_paired_statistics_against_a_hand_computation():
 @pytest.mark.parametrize("batch, per_run, splits", [(128, 1, 2), (512, 1, 8), (512, 8, 1), (256, 1, 4), (256, 2, 2),
                                                     (512, 2, 4), (64, 1, 1), (48, 1, 1)])
 def test_split_bn_keeps_groups_of_64_images_whatever_the_number_of_processes(batch, per_run, splits):
-    # run_all.sh's own bn_splits function, read from the script: per-process batch / 64, at least one group
-    function = next(line for line in open(os.path.join(ROOT, "run_all.sh")) if line.startswith("bn_splits()"))
-    proc = subprocess.run(["bash", "-c", f"{function}\nPER_RUN={per_run}; BN_GROUP=64; bn_splits {batch}"],
-                          capture_output=True, text=True)
-    assert proc.stdout.strip() == str(splits), proc.stderr
+    # the presets' --bn-group 64: per-process batch / 64 groups, at least one
+    assert run_state.bn_splits(batch, per_run, 64) == splits
 
 
 def test_figure_ticks_are_round_numbers():
@@ -319,23 +327,138 @@ def test_the_smoke_preset_results_are_not_tracked():
     assert proc.returncode == 0, "results/smoke/ must be git-ignored: a smoke study claims nothing"
 
 
-def test_results_without_their_checkpoints_are_never_mixed_with_a_new_study(finished, tmp_path):
-    """A fresh clone holds the tracked study but not its checkpoints: a new study replaces it (git restores it)
-    instead of skipping its references and appending to its logs; results git cannot restore are left alone."""
+def test_a_clone_keeps_results_whose_commands_mean_todays_and_reruns_the_others(finished, tmp_path):
+    """A clone holds a study's results without their checkpoints, recorded in another folder: runs whose recorded
+    commands mean what the study runs now are kept (paths, interpreter and flag order aside) and said so; a run whose
+    command differs is named and rerun, in .staging/ until it has finished, then takes the old one's place."""
     results = tmp_path / "results" / "smoke"
     shutil.copytree(finished[0] / "results" / "smoke", results)
-    before = sorted(p.name for p in results.iterdir())
-    proc = study(tmp_path, SEEDS="2")  # no runs/: untracked results, not this study's to resume
-    assert proc.returncode == 2 and "cannot be resumed: move them away" in proc.stderr, proc.stderr[-2000:]
-    assert sorted(p.name for p in results.iterdir()) == before and not (tmp_path / "runs").exists()
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
-    subprocess.run(git + ["init", "-q"], check=True)
-    subprocess.run(git + ["add", "results"], check=True)
-    subprocess.run(git + ["commit", "-qm", "a tracked study"], check=True)
-    proc = study(tmp_path, JOBS="2")  # seed 0 alone: a new study of its own
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "holds the tracked smoke study, whose checkpoints are not in" in proc.stdout
-    for run in (RUN, "mobilenetv3_small_random_s0", "pixels"):  # redone, not skipped, and not appended to
-        command = (results / run / "command.txt").read_text()
-        assert str(tmp_path) in command and str(finished[0]) not in command, run
-    assert not (results / "mobilenetv3_small_small_s1").exists()  # the tracked seed-1 runs went with the old study
+    changed = results / RUN / "command.txt"
+    changed.write_text(changed.read_text().replace("--moco-t 0.1", "--moco-t 0.3", 1))
+    old_summary = (results / RUN / "summary.json").read_text()
+    seen_in_staging = []
+    proc = subprocess.Popen(["bash", "run_all.sh", "smoke"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "ARCHS": "mobilenetv3_small", "SEEDS": "2",
+                                            "STUDY_DIR": str(tmp_path), "PYTHON": sys.executable,
+                                            "CUDA_VISIBLE_DEVICES": ""})
+    while proc.poll() is None:  # while it trains, the old results are in place
+        if (tmp_path / "results" / "smoke" / ".staging" / RUN).exists():
+            seen_in_staging.append((results / RUN / "summary.json").read_text() == old_summary)
+        time.sleep(0.2)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    assert f"study: rerun, its recorded command differs from today's: {RUN} pretrain: --moco-t 0.3, not 0.1" in out
+    assert "study: 3 run(s) kept" in out and "no checkpoint" in out, out
+    assert seen_in_staging and all(seen_in_staging)
+    assert not (results / ".staging").exists() and (results / RUN / "summary.json").read_text() != old_summary
+    assert "--moco-t 0.1" in (results / RUN / "command.txt").read_text().splitlines()[0]
+    assert out.count(": done, skipped") == 6  # all but the changed run
+    assert not (tmp_path / "runs" / "smoke" / "mobilenetv3_small_baseline_s1").exists()  # kept, never retrained
+
+
+def test_the_cost_is_measured_once_a_time_box_starts_nothing_that_cannot_finish_and_more_seeds_add_runs(finished,
+                                                                                                      tmp_path):
+    """A study of seed 0 is there; SEEDS=2 is asked for in a box too short for any job. The study times the network
+    here first (the figures kept for this machine and preset), says what the rest will cost, starts nothing and says
+    how to continue (exit 3). The same command without the box then runs seed 1's jobs and nothing else, with the
+    figures it kept; the dry run says the cost too; RESULTS.md records both slices."""
+    shutil.copytree(finished[0], tmp_path, dirs_exist_ok=True)
+    for folder in ("results", "runs"):
+        for run in (tmp_path / folder / "smoke").glob("*_s1"):
+            shutil.rmtree(run)
+    (tmp_path / "runs" / "smoke" / "cost.json").unlink(missing_ok=True)
+    proc = study(tmp_path, SEEDS="2", HOURS="0.0001")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "timing each network's training step" in proc.stdout
+    assert re.search(r"study smoke: 3 of 7 jobs to run \(2 pretraining\(s\)\) on a CPU of \d+ cores, 2 at once: "
+                     r"about \d\d:\d\d:\d\d here", proc.stdout), proc.stdout
+    assert "study: the time box ends; 4 of 7 jobs done (run:mobilenetv3_small:1:baseline, " \
+           "run:mobilenetv3_small:1:small, refs:mobilenetv3_small:1 left): run the same command again to continue." \
+           in proc.stdout
+    assert not (tmp_path / "results" / "smoke" / "mobilenetv3_small_small_s1").exists()
+    dry = study(tmp_path, SEEDS="2", DRY_RUN="1", COST="1")
+    assert re.search(r"study smoke: 3 of 7 jobs left, about \d\d:\d\d:\d\d here with 2 at once", dry.stderr)
+    proc = study(tmp_path, SEEDS="2")
+    assert proc.returncode == 0 and "timing each network" not in proc.stdout, proc.stdout
+    assert proc.stdout.count(": done, skipped") == 4  # seed 0's runs, its references, raw pixels
+    rows = list(csv.DictReader(open(tmp_path / "results" / "smoke" / "results.csv")))
+    assert sorted({r["seed"] for r in rows}) == ["0", "1"]
+    slices = json.load(open(tmp_path / "results" / "smoke" / "study.json"))["slices"]
+    assert sorted(slices[-1]["finished"]) == ["refs:mobilenetv3_small:1", "run:mobilenetv3_small:1:baseline",
+                                              "run:mobilenetv3_small:1:small"] and slices[-1]["predicted_s"] > 0
+    table = (tmp_path / "results" / "smoke" / "RESULTS.md").read_text()
+    assert "## How the study ran" in table and 'HOURS=0.0001 bash run_all.sh smoke` |' in table
+
+
+def test_the_time_box_stops_a_running_job_like_ctrl_c(tmp_path, monkeypatch):
+    """At the box's end the running stage gets Ctrl-C (pretrain.py saves and stops), the study says so (exit 3)."""
+    st = engine.Study("smoke", ["mobilenetv3_small"], study_dir=str(tmp_path), jobs=1)
+    job = engine.Job(st, "pixels")
+    stage = engine.Stage(["-c", "import time; time.sleep(300)"], str(tmp_path / "never.json"), str(tmp_path / "res"))
+    monkeypatch.setattr(job, "parts", lambda: [("pixels", str(tmp_path / "res"), None, None, [stage])])
+    monkeypatch.setattr(engine, "job_cost", lambda job, costs: 0.0)
+    runner = engine.Runner(st, [job], {}, dict(os.environ), deadline=time.time() + 3)
+    start = time.time()
+    assert runner.run() == "time box" and time.time() - start < 30
+    assert "KeyboardInterrupt" in (tmp_path / "res" / "output.log").read_text()  # stopped by Ctrl-C, not killed
+
+
+def test_the_plan_runs_under_xargs_and_gives_the_same_table(finished, tmp_path):
+    """PLAN=1 prints one self-contained line per job; run by xargs -P 2 in any order, then report.py, they give the
+    runs and table of run_all.sh itself."""
+    plan = study(tmp_path, PLAN="1")  # seed 0: the pair, its references, raw pixels
+    assert plan.returncode == 0, plan.stderr
+    lines = plan.stdout.strip().splitlines()
+    assert len(lines) == 3 and all("study.py smoke --job" in line for line in lines)
+    proc = subprocess.run(["xargs", "-P", "2", "-I", "{}", "sh", "-c", "{}"], input="\n".join(reversed(lines)),
+                          cwd="/", capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "report.py", str(tmp_path / "results" / "smoke")], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    keys = ("arch", "recipe", "seed", "knn", "knn_random", "knn_random_bn", "knn_pixels", "linear_top1", "instance_acc")
+    mine, theirs = (list(csv.DictReader(open(d / "results" / "smoke" / "results.csv")))
+                    for d in (tmp_path, finished[0]))
+    theirs = [r for r in theirs if r["seed"] == "0"]
+    assert [[r[k] for k in keys[:3]] for r in mine] == [[r[k] for k in keys[:3]] for r in theirs]
+    for a, b in zip(mine, theirs):  # the same commands on the same machine and threads: the same numbers
+        assert [float(a[k]) for k in keys[3:]] == pytest.approx([float(b[k]) for k in keys[3:]], abs=1e-6)
+
+
+def test_commands_mean_the_same_whatever_their_paths_order_and_split_bn_spelling():
+    """study.meaning: what decides whether a recorded command is today's. Paths, run control and flag order do not
+    count; --bn-group 64 and the --bn-splits it makes on that many processes are one setting; a drawn picture and
+    every training flag do count; --reestimate-bn is --precise-bn's older name."""
+    old = ["pretrain.py", "--arch", "resnet18", "--bn-splits", "2", "--batch-size", "128", "--out", "/a", "--lr", "0.03"]
+    new = ["pretrain.py", "--lr", "0.03", "--batch-size", "128", "--arch", "resnet18", "--bn-group", "64", "--out",
+           "/b/c", "--resume", "--workers", "0"]
+    assert engine.meaning(old) == engine.meaning(new)
+    assert engine.meaning(old) != engine.meaning(new, processes=2)  # 64 images per process: one group each
+    assert engine.difference(engine.meaning(old + ["--moco-t", "0.1"]), engine.meaning(new)) == "--moco-t 0.1, not 0.2"
+    knn = ["knn_eval.py", "--arch", "resnet18", "--random-init", "--k", "20", "200", "--json", "/a/knn.json"]
+    assert engine.meaning(knn + ["--reestimate-bn"]) == engine.meaning(knn + ["--precise-bn"])
+    assert engine.meaning(knn + ["--neighbours", "/a/n.png"]) == engine.meaning(knn + ["--neighbours", "/b/n.png"])
+    assert engine.meaning(knn + ["--neighbours", "/a/n.png"]) != engine.meaning(knn)
+
+
+def test_a_preset_file_can_read_another():
+    """cifar10 is the fmnist preset on CIFAR-10: its files read fmnist's (@FILE), and the last --data wins."""
+    fmnist, cifar = engine.load_preset("fmnist"), engine.load_preset("cifar10")
+    assert cifar["pretrain"] == fmnist["pretrain"] + ["--data", "cifar10"]
+    assert all(cifar[f] == fmnist[f] for f in ("baseline", "small", "eval", "linear"))
+
+
+def test_the_report_says_when_results_came_from_other_training_code():
+    """Results kept from an earlier commit are named with the files of training or evaluation code that differ."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    old = "1a2f2f2d0c1ecf2ac4bd52e31b7c0ba91a0d1e35"[:7]  # before fp16 on the CPU changed pretrain.py
+    full = subprocess.run(["git", "rev-parse", "--verify", "-q", old + "^{commit}"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+    if not head or not full:
+        pytest.skip("needs the project's git history")
+    record = {"commit": head, "modified": False}
+    made = {"pretraining": [{"machine": record}, {"machine": {**record, "commit": full}}, {}], "evaluation": []}
+    line = report.code_line(made)
+    assert line.startswith(f"Code: 1 file from commit {head[:7]}; 1 file from commit {old}, whose training or "
+                           f"evaluation code differs from this checkout's (") and "pretrain.py" in line, line
+    assert line.endswith("; 1 file without a recorded commit."), line

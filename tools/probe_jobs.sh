@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 ARCHS=(${ARCHS:-resnet18 mobilenetv3_small})
 STEPS=${STEPS:-120}
 NPROC=$(nproc)
-HALF=$((NPROC / 2 > 1 ? NPROC / 2 : 1))  # each of two jobs' threads, as run_all.sh's job_env divides them
+HALF=$((NPROC / 2 > 1 ? NPROC / 2 : 1))  # each of two jobs' threads, as study.py divides them
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 rate() { python3 -c 'import json, sys; print(round(json.load(open(sys.argv[1]))["images_per_s"]))' "$1/summary.json"; }
