@@ -28,7 +28,6 @@ import contextlib
 import hashlib
 import io
 import json
-import math
 import os
 import shlex
 import shutil
@@ -805,6 +804,7 @@ def check(args, archs, gpus):
              f"networks of ARCHS, which get every seed.")
     if args.preset not in presets():
         fail(f"unknown preset '{args.preset}': choose one of presets/ ({' '.join(presets())}), or tests, gpucheck.")
+
 
 def check_gpu(args, archs, gpus):
     """A preset sized for GPUs on a machine without one: what it would cost, and how to run it anyway."""

@@ -429,7 +429,8 @@ def test_commands_mean_the_same_whatever_their_paths_order_and_split_bn_spelling
     """study.meaning: what decides whether a recorded command is today's. Paths, run control and flag order do not
     count; --bn-group 64 and the --bn-splits it makes on that many processes are one setting; a drawn picture and
     every training flag do count; --reestimate-bn is --precise-bn's older name."""
-    old = ["pretrain.py", "--arch", "resnet18", "--bn-splits", "2", "--batch-size", "128", "--out", "/a", "--lr", "0.03"]
+    old = ["pretrain.py", "--arch", "resnet18", "--bn-splits", "2", "--batch-size", "128", "--out", "/a", "--lr",
+           "0.03"]
     new = ["pretrain.py", "--lr", "0.03", "--batch-size", "128", "--arch", "resnet18", "--bn-group", "64", "--out",
            "/b/c", "--resume", "--workers", "0"]
     assert engine.meaning(old) == engine.meaning(new)
