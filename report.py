@@ -96,18 +96,23 @@ def collect(out, archs, seeds):
     return rows, refs, eval_s, pixels, linear, made
 
 
-def finished(out, planned):
-    """({arch: the seeds whose two runs (pretraining, kNN, linear) and references have all finished}, the planned
-    jobs that have not, by study.py's names): a study in time-boxed slices is reported from what is there."""
+def finished(out, planned, preset):
+    """({arch: the seeds whose two runs (pretraining, kNN, linear) and references have all finished with today's
+    commands}, the planned jobs that have not, by study.py's names, and why): a study in time-boxed slices is reported
+    from what is there, and a run made with other flags than today's preset is never mixed into the table
+    (study.Job.current: the numbers' commands; a picture drawn or not aside)."""
+    import study as engine
+    s = engine.Study(preset, list(planned))
+    s.out, s.runs = out, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(out))), "runs", preset)
     done, missing = {}, []
-    files = ("summary.json", "knn.json", "linear.json")
     for arch, seeds in planned.items():
         for seed in seeds:
-            run = all(os.path.exists(f"{out}/{arch}_{r}_s{seed}/{f}") for r in RECIPES for f in files)
-            refs = all(os.path.exists(f"{out}/{arch}_random_s{seed}/{f}") for f in ("knn.json", "knn_bn.json"))
-            if run and refs:
+            run, refs = (engine.Job(s, kind, arch, seed) for kind in ("run", "refs"))
+            if run.current() and refs.current():
                 done.setdefault(arch, []).append(seed)
-            missing += ([] if run else [f"run:{arch}:{seed}"]) + ([] if refs else [f"refs:{arch}:{seed}"])
+            missing += [job.name for job in (run, refs) if not job.current()]
+    if not engine.Job(s, "pixels").current():
+        missing.append("pixels")
     return done, missing
 
 
@@ -126,8 +131,8 @@ def slices_section(study):
             lines.append(f"| {i} | `{sl['invocation']}` | {where} | {sl.get('jobs')} | {len(sl.get('finished', []))} "
                          f"| {minutes(sl.get('predicted_s'))} | {minutes(sl.get('seconds'))} |")
     if study.get("missing"):
-        lines += ["", f"Not finished yet, so not in the tables (the same command again continues the study): "
-                      f"{', '.join(study['missing'])}."]
+        lines += ["", f"Not in the tables: not finished, or made with other flags than today's preset (the same "
+                      f"command again runs them): {', '.join(study['missing'])}."]
     return lines
 
 
@@ -482,11 +487,12 @@ def main(argv=None):
     notes_file = os.path.join(args.out, "notes.json")  # sentences written by hand after looking at the results
     study["notes"] = load(notes_file) if os.path.isfile(notes_file) else {}
     planned = {arch: list(range(study["seeds"])) if arch in study["seeds_archs"] else [0] for arch in study["archs"]}
-    seeds, study["missing"] = finished(args.out, planned)
+    seeds, study["missing"] = finished(args.out, planned, study["preset"])
     study["archs"] = [a for a in study["archs"] if seeds.get(a)]
-    if not study["archs"] or not os.path.exists(f"{args.out}/pixels/knn.json"):
-        raise SystemExit(f"{args.out}: no network has a finished run of both recipes with its references and the raw "
-                         f"pixels yet, so there is no table to build.")
+    if not study["archs"] or "pixels" in study["missing"]:
+        raise SystemExit(f"{args.out}: no network has both recipes' runs and its references finished with today's "
+                         f"commands for presets/{study['preset']}, and the raw pixels, so there is no table to build "
+                         f"(not finished: {', '.join(study['missing'])}).")
     rows, refs, eval_s, pixels, linear, made = collect(args.out, study["archs"], seeds)
     with open(f"{args.out}/results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

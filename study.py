@@ -213,6 +213,11 @@ class Job:
     def is_done(self):
         return all(not todo for *_, todo in self.parts())
 
+    def current(self):
+        """Its results are there and their numbers were made by today's commands (report.py tables only these)."""
+        return all(done(st, numbers=True) for label, (res, run) in self.folders().items()
+                   for st in self.stages(label, res, run))
+
 
 
 
@@ -284,9 +289,10 @@ def launch_processes(prefix):
     return 1
 
 
-def meaning(argv, processes=1):
+def meaning(argv, processes=1, numbers=False):
     """What a command computes: its script and every flag as its own parser reads it, paths and run control (WHERE)
-    left out, --neighbours as whether a picture is drawn, split BN as the groups it makes on `processes`."""
+    left out, --neighbours as whether a picture is drawn (numbers=True: left out, as it changes no number), split BN
+    as the groups it makes on `processes`."""
     script, flags = os.path.basename(argv[0]), argv[1:]
     if script == "pretrain.py":
         import pretrain
@@ -298,7 +304,7 @@ def meaning(argv, processes=1):
         module = __import__(script[:-3])
         args = vars(module.get_args(flags))
     if "neighbours" in args:
-        args["neighbours"] = bool(args["neighbours"])
+        args["neighbours"] = None if numbers else bool(args["neighbours"])
     if "reestimate_bn" in args:
         args["precise_bn"] = args.pop("reestimate_bn") or args.get("precise_bn", False)
     return script, {k: v for k, v in args.items() if k not in WHERE}
@@ -321,16 +327,17 @@ def sha256(path):
     return h.hexdigest()
 
 
-def done(stage, why=None):
+def done(stage, why=None, numbers=False):
     """The stage's result exists, its recorded command means today's, and an evaluation of a checkpoint that is
-    there measured that checkpoint. `why`, a list, receives the reason a recorded stage is not done."""
+    there measured that checkpoint. `why`, a list, receives the reason a recorded stage is not done; numbers=True
+    asks only whether its numbers are today's (a missing picture aside)."""
     if not os.path.exists(stage.output):
         return False
     rec = recorded(stage.results).get(stage.key)
     if rec is None:
         return False
     processes = rec[1] if stage.script == "pretrain.py" else 1
-    old, new = meaning(rec[0], processes), meaning(stage.argv, processes)
+    old, new = meaning(rec[0], processes, numbers), meaning(stage.argv, processes, numbers)
     if old != new:
         if why is not None:
             why.append(f"{os.path.basename(stage.results)} {stage.key}: {difference(old, new)}")
@@ -436,31 +443,46 @@ def count_of(subset):
 
 
 def job_cost(job, costs):
-    """Predicted seconds of what is left of a job: pretraining steps and kNN monitors, evaluations as images through
-    the network (kNN with diagnostics about twice its bank and queries; precise BN one more pass over the bank)."""
+    """Predicted seconds of what is left of a job (stage_cost summed over its stages left); 0 where nothing was
+    measured (a plan's job runs without a prediction)."""
+    if not costs:
+        return 0.0
+    return sum(stage_cost(job, label, st, costs) for label, _, _, _, todo in job.parts() for st in todo)
+
+
+def stage_cost(job, label, st, costs):
+    """Predicted seconds of one stage: pretraining steps and kNN monitors; evaluations as images through the network
+    (kNN with diagnostics about twice its bank and queries, precise BN one more pass over the bank; raw pixels as a
+    kNN without a network's diagnostics); each plus its process's start."""
     s = job.study
-    total = 0.0
-    if not costs:  # not measured (a plan's job): no prediction
-        return total
-    for label, _, _, _, todo in job.parts():
-        f = costs[job.arch] if job.arch else next(iter(costs.values()))
-        bank, test = eval_images(s, f)
-        per, start = f["eval_image_s"], f["eval_start_s"]
-        for st in todo:
-            if st.script == "pretrain.py":
-                r = f[label]
-                monitors = (s.pretrain_args.knn_every and s.pretrain_args.epochs // s.pretrain_args.knn_every + 1)
-                knn = 2 * (count_of(s.pretrain_args.knn_subset) or bank)
-                total += r["start_s"] + r["steps"] * r["step_s"] + monitors * knn * per
-            elif st.key == "linear.json":
-                epochs = 1 if "--cached" in st.argv else int(value_of(st.argv, "--epochs") or 100)
-                total += start + (epochs * bank + test) * per
-            elif job.kind == "pixels":
-                total += start + (bank + test) * per / 4  # no network: loading and the vote
-            else:
-                total += start + ((2 if "--diagnostics" in st.argv else 1) * (bank + test)
-                                  + (bank if "--precise-bn" in st.argv else 0)) * per
-    return total
+    f = costs[job.arch] if job.arch else next(iter(costs.values()))
+    bank, test = eval_images(s, f)
+    per, start = f["eval_image_s"], f["eval_start_s"]
+    if st.script == "pretrain.py":
+        r = f[label]
+        monitors = (s.pretrain_args.knn_every and s.pretrain_args.epochs // s.pretrain_args.knn_every + 1)
+        knn = 2 * (count_of(s.pretrain_args.knn_subset) or bank)
+        return r["start_s"] + r["steps"] * r["step_s"] + monitors * knn * per
+    if st.key == "linear.json":
+        epochs = 1 if "--cached" in st.argv else int(value_of(st.argv, "--epochs") or 100)
+        return start + (epochs * bank + test) * per
+    if job.kind == "pixels":
+        return start + (bank + test) * per
+    return start + ((2 if "--diagnostics" in st.argv else 1) * (bank + test)
+                    + (bank if "--precise-bn" in st.argv else 0)) * per
+
+
+def cost_breakdown(units_left, costs):
+    """Predicted seconds of pretraining, of the runs' evaluations and of the references (raw pixels included), one
+    job after another: what the study's cost is made of."""
+    parts = {"pretraining": 0.0, "evaluation": 0.0, "references": 0.0}
+    for u in units_left:
+        for label, _, _, _, todo in u.parts():
+            for st in todo:
+                kind = ("pretraining" if st.script == "pretrain.py" else "evaluation" if u.kind == "run"
+                        else "references")
+                parts[kind] += stage_cost(u, label, st, costs)
+    return parts
 
 
 def makespan(costs, slots, running=()):
@@ -841,9 +863,11 @@ def run_study(study, all_jobs, env, args):
     predicted = makespan([job_cost(j, costs) for j in todo], study.jobs)
     runs = sum(1 for u in todo for *_, t in u.parts() if t and t[0].script == "pretrain.py")
     where = f"{study.gpus} GPU(s)" if study.gpus else f"a CPU of {os.cpu_count()} cores"
+    parts = cost_breakdown(todo, costs) if todo else {}
     say(f"study {study.preset}: {len(todo)} of {len(all_units)} jobs to run ({runs} pretraining(s)) on {where}, "
-        f"{study.jobs} at once: about {run_state.duration(predicted)} here (pretraining and evaluation as timed just "
-        f"now)" + (f"; time box {args.hours:g} h" if args.hours else "") + f"; results in {study.out}")
+        f"{study.jobs} at once: about {run_state.duration(predicted)} here, from the step and evaluation speeds timed "
+        f"just now (one job after another: " + ", ".join(f"{k} {run_state.duration(v)}" for k, v in parts.items())
+        + ")" + (f"; time box {args.hours:g} h" if args.hours else "") + f"; results in {study.out}")
     deadline = started + args.hours * 3600 if args.hours else None
     runner = Runner(study, all_units, costs, env, deadline)  # the finished ones say "done, skipped"
     outcome = runner.run()  # a failing job ends the study here (SystemExit, exit 1): no table of a broken study

@@ -1,6 +1,6 @@
 """The GPU presets' own commands, run on the CPU (slow suite): what `bash run_all.sh fmnist|cifar10|imagenet` would run
 first on someone's GPU, resolved from the presets themselves (run_all.sh's DRY_RUN, as docs/presets.md is), with only
-the budget overridden: a few steps, a small subset, batch and queue scaled down to what a CPU holds. Every other flag
+the budget overridden: a few steps, a small subset, batch, queue and split-BN groups scaled down to what a CPU holds. Every other flag
 (small stem, symmetric loss, the strong augmentation, 224 px, split BN, image-file loading with workers, MoCo's linear
 protocol with crops and flips) runs as the preset gives it, for resnet18 and mobilenetv3_small. CIFAR-10 and the
 ImageNet-style folder are generated in their real on-disk formats; fmnist reads Debian's Fashion-MNIST. A preset whose
@@ -25,12 +25,13 @@ FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 ARCHS = "resnet18 mobilenetv3_small"
 
 # the budget, per script: appended to the preset's command (argparse keeps a flag's last value)
-PRETRAIN = ["--max-steps", "2", "--subset", "128", "--batch-size", "32", "--moco-k", "64", "--bn-splits", "2",
+PRETRAIN = ["--max-steps", "2", "--subset", "128", "--batch-size", "32", "--moco-k", "64", "--bn-group", "16",
             "--knn-subset", "64", "--workers", "2", "--log-every", "1"]
 KNN = ["--subset", "64", "--test-subset", "32", "--batch-size", "32", "--workers", "2"]
 LINEAR = KNN + ["--epochs", "2", "--schedule", "1"]
 # 224 px: smaller steps and banks, and a queue that still holds one symmetric step's keys
-IMAGENET = {"pretrain.py": ["--subset", "24", "--batch-size", "8", "--moco-k", "16", "--knn-subset", "16"],
+IMAGENET = {"pretrain.py": ["--subset", "24", "--batch-size", "8", "--moco-k", "16", "--knn-subset", "16",
+                            "--bn-group", "4"],
             "knn_eval.py": ["--subset", "16", "--test-subset", "8"],
             "linear_eval.py": ["--subset", "16", "--test-subset", "8"]}
 BUDGET = {"pretrain.py": PRETRAIN, "knn_eval.py": KNN, "linear_eval.py": LINEAR}
@@ -96,7 +97,7 @@ def test_a_gpu_preset_runs_its_own_commands_on_the_cpu(tmp_path, preset):
         if script == "pretrain.py":  # the run trained as the preset says, for the steps asked
             summary = json.load(open(os.path.join(argv[argv.index("--out") + 1], "summary.json")))
             flags = summary["args"]
-            assert summary["steps"] == 2 and not summary["complete"]
+            assert summary["steps"] == 2 and not summary["complete"] and flags["bn_splits"] == 2  # split BN on
             assert flags["small_stem"] == (preset != "imagenet") and flags["epochs"] == 200
             assert flags["symmetric"] == ("--symmetric" in argv) and flags["img_size"] == {
                 "fmnist": 28, "cifar10": 32, "imagenet": 224}[preset]

@@ -403,6 +403,7 @@ def test_the_time_box_stops_a_running_job_like_ctrl_c(tmp_path, monkeypatch):
     assert "KeyboardInterrupt" in (tmp_path / "res" / "output.log").read_text()  # stopped by Ctrl-C, not killed
 
 
+@pytest.mark.slow
 def test_the_plan_runs_under_xargs_and_gives_the_same_table(finished, tmp_path):
     """PLAN=1 prints one self-contained line per job; run by xargs -P 2 in any order, then report.py, they give the
     runs and table of run_all.sh itself."""
