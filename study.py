@@ -550,6 +550,9 @@ class Runner:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if self.tty:  # the progress line makes way for what follows
+                self.out.write("\r\033[K")
+                self.out.flush()
         return "time box" if self.not_started else "done"
 
     def on_signal(self, signum, frame):
