@@ -724,7 +724,8 @@ def describe_kept(study, jobs):
                             + ("" if os.path.exists(os.path.join(run, "checkpoint.pt")) else ", no checkpoint")
                             + ")")
             elif why:
-                rerun.append("; ".join(why))
+                retrain = done(stages[0]) and not os.path.exists(os.path.join(run, "checkpoint.pt"))
+                rerun.append("; ".join(why) + ("; its checkpoint is not here, so it trains again" if retrain else ""))
     lines = []
     if kept:
         lines.append(f"study: {len(kept)} run(s) kept, their results and recorded commands as today's: "
