@@ -156,7 +156,6 @@ class Job:
     def __init__(self, study, kind, arch=None, seed=0):
         self.study, self.kind, self.arch, self.seed = study, kind, arch, seed
         self.name = {"run": f"run:{arch}:{seed}", "refs": f"refs:{arch}:{seed}", "pixels": "pixels"}[kind]
-        self.runs = 2 if kind == "run" else 0  # pretrainings it holds
 
     def folders(self):
         """{label: (results folder, run folder or None)}, the final ones."""
