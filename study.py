@@ -620,8 +620,9 @@ class Runner:
         self.finished.append((slot["job"], slot["cost"], took))
         self.spent_predicted += slot["cost"]
         self.slots[i] = None
-        self.say(f"== {time.strftime('%H:%M:%S')} {slot['job'].name}: done in {run_state.duration(took)} "
-                 f"(predicted {run_state.duration(slot['cost'])}); {self.status()}")
+        predicted = f" (predicted {run_state.duration(slot['cost'])})" if self.costs else ""
+        self.say(f"== {time.strftime('%H:%M:%S')} {slot['job'].name}: done in {run_state.duration(took)}{predicted}; "
+                 f"{self.status()}")
 
     def pace(self):
         """Actual over predicted seconds of the jobs finished so far (1 before any): the ETA's correction."""
@@ -638,8 +639,8 @@ class Runner:
             1 for s in self.slots if s and not s["job"].runs)
         running = [max(0.0, s["cost"] * self.pace() - (time.time() - s["start"])) for s in self.slots if s]
         eta = makespan([job_cost(j, self.costs) * self.pace() for j in self.queue], len(self.slots), running)
-        return (f"{runs_done} of {all_runs} runs and {len(refs)} of {all_refs} references done; study ETA "
-                f"{run_state.duration(eta)}")
+        return (f"{runs_done} of {all_runs} runs and {len(refs)} of {all_refs} references done"
+                + (f"; study ETA {run_state.duration(eta)}" if self.costs else ""))
 
     def progress(self):
         line = f"-- {time.strftime('%H:%M:%S')} {self.status()}"
@@ -795,13 +796,16 @@ def main(argv=None):
             say(f"study {args.preset}: {len(todo)} of {len(units(all_jobs))} jobs left, about "
                 f"{run_state.duration(makespan([job_cost(u, costs) for u in todo], jobs))} here with {jobs} at once")
         return 0
-    if args.plan:  # the study as planned (study.json, for report.py), then the jobs' lines
+    if args.plan:  # the study as planned (study.json, for report.py; earlier slices kept), then the jobs' lines
         os.makedirs(study.out, exist_ok=True)
-        with open(os.path.join(study.out, "study.json"), "w") as f:
-            json.dump(study_record(study, args, []), f, indent=2)
+        path = os.path.join(study.out, "study.json")
+        old = json.load(open(path)) if os.path.exists(path) else {}
+        with open(path, "w") as f:
+            json.dump(study_record(study, args, old.get("slices", []), old), f, indent=2)
         for job in all_jobs:
+            python = study.python if os.sep not in study.python else os.path.join(ROOT, study.python)  # any folder
             line = ([f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}"] if "OMP_NUM_THREADS" in env else []) + [
-                study.python, os.path.join(ROOT, "study.py"), args.preset, "--job", job.name, "--study-dir",
+                python, os.path.join(ROOT, "study.py"), args.preset, "--job", job.name, "--study-dir",
                 os.path.abspath(args.study_dir)] + (["--data-dir", args.data_dir] if args.data_dir else []) + [
                 "--archs", *archs, "--seeds", str(args.seeds)] + (
                 ["--seeds-archs", *args.seeds_archs] if args.seeds_archs is not None else [])
