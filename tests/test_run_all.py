@@ -397,7 +397,7 @@ def test_the_time_box_stops_a_running_job_like_ctrl_c(tmp_path, monkeypatch):
     stage = engine.Stage(["-c", "import time; time.sleep(300)"], str(tmp_path / "never.json"), str(tmp_path / "res"))
     monkeypatch.setattr(job, "parts", lambda: [("pixels", str(tmp_path / "res"), None, None, [stage])])
     monkeypatch.setattr(engine, "job_cost", lambda job, costs: 0.0)
-    runner = engine.Runner(st, [job], {}, dict(os.environ), deadline=time.time() + 3)
+    runner = engine.Runner(st, [engine.Unit(job)], {}, dict(os.environ), deadline=time.time() + 3)
     start = time.time()
     assert runner.run() == "time box" and time.time() - start < 30
     assert "KeyboardInterrupt" in (tmp_path / "res" / "output.log").read_text()  # stopped by Ctrl-C, not killed
