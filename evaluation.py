@@ -101,13 +101,17 @@ def load_model(args):
 
 def checkpoint_identity(path):
     """(step, SHA-256 of the file's bytes): written into every result, so that a result outlives neither the
-    checkpoint it measured nor a new pretraining in the same folder (run_all.sh redoes it on a mismatch)."""
+    checkpoint it measured nor a new pretraining in the same folder (study.py redoes it on a mismatch)."""
+    step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    return step, file_sha256(path)
+
+
+def file_sha256(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
-    return step, digest.hexdigest()
+    return digest.hexdigest()
 
 
 def settings(args, device, dim, num_classes):
