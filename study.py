@@ -25,7 +25,6 @@ Exit status: 0 the study is complete, 1 a job failed, 2 the user's mistake, 3 st
 """
 import argparse
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -39,7 +38,7 @@ import time
 
 import data
 import run_state
-from evaluation import machine
+from evaluation import file_sha256, machine
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 RECIPES = ("baseline", "small")
@@ -318,14 +317,6 @@ def difference(old, new):
                      if a.get(k) != b.get(k))
 
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def done(stage, why=None, numbers=False):
     """The stage's result exists, its recorded command means today's, and an evaluation of a checkpoint that is
     there measured that checkpoint. `why`, a list, receives the reason a recorded stage is not done; numbers=True
@@ -345,7 +336,7 @@ def done(stage, why=None, numbers=False):
     if stage.script == "pretrain.py":
         return bool(result.get("complete"))
     if stage.ckpt and os.path.exists(stage.ckpt):
-        return result.get("ckpt_sha256") == sha256(stage.ckpt)
+        return result.get("ckpt_sha256") == file_sha256(stage.ckpt)
     return True
 
 
@@ -510,6 +501,7 @@ class Runner:
         self.slots = [None] * study.jobs
         self.out, self.tty = out, out.isatty()
         self.finished, self.not_started, self.interrupted, self.committed = [], [], None, set()
+        self.predicted = {}  # unit: its predicted seconds (Runner.cost)
         self.started = time.time()
         self.spent_predicted = 0.0  # predicted seconds of the jobs finished, against their actual seconds
 
@@ -565,9 +557,9 @@ class Runner:
                 self.finished.append((job, 0.0, 0.0))
                 self.say(f"== {job.name}: done, skipped")
                 continue
-            cost = job_cost(job, self.costs)
+            cost = self.cost(job)
             partner = getattr(job, "partner", None)
-            pair = max(cost, job_cost(partner, self.costs)) if partner in self.queue else cost
+            pair = max(cost, self.cost(partner)) if partner in self.queue else cost
             if self.deadline and job not in self.committed and time.time() + pair * self.pace() > self.deadline:
                 self.not_started.append(job)  # would not finish inside the box: left for the next slice
                 continue
@@ -624,6 +616,13 @@ class Runner:
         self.say(f"== {time.strftime('%H:%M:%S')} {slot['job'].name}: done in {run_state.duration(took)}{predicted}; "
                  f"{self.status()}")
 
+    def cost(self, unit):
+        """job_cost of a unit not yet started, worked out once: nothing changes what is left of it while it waits
+        (the progress line asks for every queued unit's each second)."""
+        if unit not in self.predicted:
+            self.predicted[unit] = job_cost(unit, self.costs)
+        return self.predicted[unit]
+
     def pace(self):
         """Actual over predicted seconds of the jobs finished so far (1 before any): the ETA's correction."""
         actual = sum(took for _, cost, took in self.finished if cost)
@@ -638,7 +637,7 @@ class Runner:
         all_refs = len(refs) + sum(1 for j in self.queue + self.not_started if not j.runs) + sum(
             1 for s in self.slots if s and not s["job"].runs)
         running = [max(0.0, s["cost"] * self.pace() - (time.time() - s["start"])) for s in self.slots if s]
-        eta = makespan([job_cost(j, self.costs) * self.pace() for j in self.queue], len(self.slots), running)
+        eta = makespan([self.cost(j) * self.pace() for j in self.queue], len(self.slots), running)
         return (f"{runs_done} of {all_runs} runs and {len(refs)} of {all_refs} references done"
                 + (f"; study ETA {run_state.duration(eta)}" if self.costs else ""))
 
