@@ -376,6 +376,14 @@ def trim_log(path, step):
         f.writelines(kept)
 
 
+def saved_step(out):
+    """The step of the checkpoint in run folder `out` (its tensors memory-mapped, not read), or None without one."""
+    path = os.path.join(out, "checkpoint.pt")
+    if not os.path.exists(path):
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+
+
 def interrupted(out, argv, script):
     """Ctrl-C's one sentence: where the last checkpoint is and the command that continues from it, started by the
     Python that is running (a bare python3 may lack torch); under torchrun, through torch.distributed.run with as
@@ -391,5 +399,5 @@ def interrupted(out, argv, script):
     path = os.path.join(out, "checkpoint.pt")
     if not os.path.exists(path):
         return f"interrupted before the first checkpoint, so nothing was saved: rerun `{command}` to start again."
-    step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    step = saved_step(out)
     return f"interrupted; the last checkpoint, {path}, holds step {step}: resume with `{command}`."

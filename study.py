@@ -452,7 +452,8 @@ def stage_cost(job, label, st, costs):
         r = f[label]
         monitors = (s.pretrain_args.knn_every and s.pretrain_args.epochs // s.pretrain_args.knn_every + 1)
         knn = 2 * (count_of(s.pretrain_args.knn_subset) or bank)
-        return r["start_s"] + r["steps"] * r["step_s"] + monitors * knn * per
+        left = 1 - min(run_state.saved_step(st.run) or 0, r["steps"]) / r["steps"]  # a resumed run: what is left
+        return r["start_s"] + left * (r["steps"] * r["step_s"] + monitors * knn * per)
     if st.key == "linear.json":
         epochs = 1 if "--cached" in st.argv else int(value_of(st.argv, "--epochs") or 100)
         return start + (epochs * bank + test) * per
