@@ -211,6 +211,68 @@ def paired(diffs):
     return t, abs(t) > critical
 
 
+def recipe_effect(rows, arch, key):
+    """The small-model recipe minus the baseline of the same seed, per seed (in seed order), for one column."""
+    base = {r["seed"]: r[key] for r in rows if r["arch"] == arch and r["recipe"] == "baseline"}
+    return [r[key] - base[r["seed"]] for r in rows if r["arch"] == arch and r["recipe"] == "small"]
+
+
+def per_seed(diffs):
+    return " / ".join(f"{d:+.2f}" for d in diffs)
+
+
+def t_cells(diffs):
+    """Two table cells: the paired t and whether the difference is beyond the seed spread."""
+    t, beyond = paired(diffs)
+    return "- | one seed: not measured" if t is None else f"{t:+.1f} | {'yes' if beyond else 'no'}"
+
+
+def findings(rows, refs, archs):
+    """The tables in words, worked out from the numbers so that a rebuilt table cannot keep a stale sentence: which
+    differences are beyond the seed spread (a paired t-test at 5%, two-sided), which are not, which rest on one seed,
+    and how likely one "beyond" among several comparisons is by chance alone."""
+    def group(pairs):
+        """{"beyond up", "beyond down", "within", "one seed"}: 'name (+mean, t x)' for each (name, diffs) pair."""
+        out = collections.defaultdict(list)
+        for name, diffs in pairs:
+            t, beyond = paired(diffs)
+            mean = statistics.mean(diffs)
+            key = "one seed" if t is None else ("beyond up" if mean > 0 else "beyond down") if beyond else "within"
+            out[key].append(f"{name} ({mean:+.2f}" + ("" if t is None else f", t {t:+.1f}") + ")")
+        return out
+
+    def sentence(subject, g, up, down):
+        parts = [f"{up} {', '.join(g['beyond up'])}" if g["beyond up"] else "",
+                 f"{down} {', '.join(g['beyond down'])}" if g["beyond down"] else "",
+                 f"within the seed spread for {', '.join(g['within'])}" if g["within"] else "",
+                 f"one seed, so not measured, for {', '.join(g['one seed'])}" if g["one seed"] else ""]
+        return f"- **{subject}**: " + "; ".join(p for p in parts if p) + "."
+
+    def per_run(value):
+        return [(f"{a} {rc}", [value(r) for r in rows if r["arch"] == a and r["recipe"] == rc])
+                for a in archs for rc in RECIPES]
+
+    effect = group((a, recipe_effect(rows, a, "knn")) for a in archs)
+    linear = group((a, recipe_effect(rows, a, "linear_top1")) for a in archs)
+    gain = group(per_run(lambda r: r["knn_gain"]))
+    pixels = group(per_run(lambda r: r["knn"] - refs["pixels"]))
+    tested = sum(1 for a in archs if len(recipe_effect(rows, a, "knn")) > 1)
+    lines = [sentence("Small-model recipe minus baseline, kNN", effect, "beyond the seed spread and in the recipe's "
+                      "favour for", "beyond it and against the recipe for"),
+             sentence("The same, linear", linear, "beyond the seed spread and in the recipe's favour for",
+                      "beyond it and against the recipe for"),
+             sentence("Learned against its own untrained network (kNN)", gain, "above it beyond the seed spread:",
+                      "below it beyond the seed spread:"),
+             sentence(f"Learned against raw pixels ({refs['pixels']:.2f})", pixels, "above them beyond the seed "
+                      "spread:", "below them beyond the seed spread:")]
+    if tested > 1:
+        lines += ["", f"Each recipe comparison is its own test at 5%: with {tested} networks tested and no recipe "
+                      f"effect at all, at least one would read \"beyond\" by seed noise alone with probability "
+                      f"{1 - 0.95 ** tested:.0%}. A difference beyond the spread at one network is evidence to "
+                      f"confirm with more seeds, not a finding on its own."]
+    return lines
+
+
 def plural(n, word):
     return f"{n} {word}{'' if n == 1 else 's'}"
 
@@ -266,7 +328,23 @@ def markdown(study, rows, refs, eval_s, pixels, linear, seeds, made):
     if any(r["collapsed_at_step"] for r in rows):
         lines += ["‡ pretrain.py warned that the run looked collapsed at the step given (its log.jsonl and "
                   "output.log say why).", ""]
-    lines += ["## References", "",
+    lines += ["## Summary", "",
+              "| network | seeds | kNN random init | random, BN of data | raw pixels | kNN baseline | "
+              "kNN small recipe | small - baseline, paired | linear baseline | linear small recipe |",
+              "|---" * 10 + "|"]
+    for arch in archs:
+        effect = recipe_effect(rows, arch, "knn")
+        t, _ = paired(effect)
+        effect_cell = f"{statistics.mean(effect):+.2f}" + (
+            "" if t is None else f" ± {statistics.stdev(effect):.2f} (t {t:.1f})")
+        lines.append(f"| {arch} | {len(seeds[arch])} | {spread([refs[arch, s][0] for s in seeds[arch]])} | "
+                     f"{spread([refs[arch, s][1] for s in seeds[arch]])} | {refs['pixels']:.2f} | "
+                     f"{spread([r['knn'] for r in sel(arch, 'baseline')])} | "
+                     f"{spread([r['knn'] for r in sel(arch, 'small')])} | "
+                     f"{effect_cell} | "
+                     f"{spread([r['linear_top1'] for r in sel(arch, 'baseline')])} | "
+                     f"{spread([r['linear_top1'] for r in sel(arch, 'small')])} |")
+    lines += ["", "## References", "",
               "| network | params | seeds | kNN random init | kNN random, BN of data | kNN raw pixels |",
               "|---|---|---|---|---|---|"]
     for arch in archs:
@@ -294,16 +372,23 @@ def markdown(study, rows, refs, eval_s, pixels, linear, seeds, made):
                          f"{spread(col['pretrain_min'], 1)} |")
     lines += ["", "## Small-model recipe minus baseline, paired by seed", "",
               "| network | kNN, per seed | kNN mean ± sd | paired t | beyond the seed spread | linear, per seed | "
-              "linear mean ± sd |", "|---|---|---|---|---|---|---|"]
+              "linear mean ± sd | linear paired t | beyond the seed spread |", "|---" * 9 + "|"]
     for arch in archs:
-        base, small = sel(arch, "baseline"), sel(arch, "small")
-        knn = [s["knn"] - b["knn"] for b, s in zip(base, small)]
-        linear_diff = [s["linear_top1"] - b["linear_top1"] for b, s in zip(base, small)]
-        t, beyond = paired(knn)
-        lines.append(f"| {arch} | {' / '.join(f'{d:+.2f}' for d in knn)} | {spread(knn)} | "
-                     f"{'-' if t is None else f'{t:+.1f}'} | "
-                     f"{'one seed: not measured' if beyond is None else 'yes' if beyond else 'no'} | "
-                     f"{' / '.join(f'{d:+.2f}' for d in linear_diff)} | {spread(linear_diff)} |")
+        knn, linear_diff = recipe_effect(rows, arch, "knn"), recipe_effect(rows, arch, "linear_top1")
+        lines.append(f"| {arch} | {per_seed(knn)} | {spread(knn)} | {t_cells(knn)} | {per_seed(linear_diff)} | "
+                     f"{spread(linear_diff)} | {t_cells(linear_diff)} |")
+    lines += ["", "## Learned against its references, paired by seed", "",
+              "Each run's kNN minus its own seed's untrained network, and minus raw pixels (one number, the same "
+              "for every seed).", "",
+              "| network | recipe | minus random init, per seed | mean ± sd | t | beyond the seed spread | "
+              "minus raw pixels, mean ± sd | t | beyond the seed spread |", "|---" * 9 + "|"]
+    for arch in archs:
+        for recipe in RECIPES:
+            gain = [r["knn_gain"] for r in sel(arch, recipe)]
+            pix = [r["knn"] - refs["pixels"] for r in sel(arch, recipe)]
+            lines.append(f"| {arch} | {recipe} | {per_seed(gain)} | {spread(gain)} | {t_cells(gain)} | "
+                         f"{spread(pix)} | {t_cells(pix)} |")
+    lines += ["", "## The tables in words", ""] + findings(rows, refs, archs)
     lines += neighbours_section(study, rows, archs)
     lines += slices_section(study)
     return "\n".join(lines) + "\n"
@@ -415,47 +500,93 @@ def legend(x, y, entries):
     return parts
 
 
+def confidence(diffs):
+    """Half the width of the 95% confidence interval of the mean of paired differences (Student's t); None for one.
+    It excludes 0 exactly when paired() calls the difference beyond the seed spread."""
+    if len(diffs) < 2:
+        return None
+    critical = T_CRITICAL[len(diffs) - 2] if len(diffs) - 1 <= len(T_CRITICAL) else 1.96
+    return critical * statistics.stdev(diffs) / math.sqrt(len(diffs))
+
+
 def figure(rows, refs, out, archs, seeds, path):
-    """results.svg: kNN per network and recipe (bars: mean over seeds; dots: one per seed) against its random init
-    (black line: mean over seeds) and raw pixels (dashed line); pretext accuracy and the kNN monitor per epoch, one
-    line per run."""
+    """results.svg, two rows. Top: kNN of every run, a dot per seed with the mean +- sd, beside the network untrained
+    (random init) and raw pixels (dashed) -- points, not bars, so the axis may start where the data do without a
+    bar's length misleading; and the small-model recipe minus the baseline paired by seed, against 0, with the 95%
+    confidence interval of its mean. Bottom: pretext accuracy and the kNN monitor per epoch, one line per run."""
+    k = rows[0]["knn_k"]
+
+    def whisker(panel, x, values, interval, colour="black"):
+        """A mean (a short bar) and a vertical line over +- interval around it, at data x."""
+        mean = statistics.mean(values)
+        panel.line([(x - 0.09, mean), (x + 0.09, mean)], colour, width=2.5)
+        if interval is not None:
+            panel.line([(x, mean - interval), (x, mean + interval)], colour, width=1.2)
+
+    def seed_dots(panel, x, values, colour, opacity):
+        for n, v in enumerate(values):
+            panel.parts.append(f'<circle cx="{panel.x(x + 0.035 * (n - (len(values) - 1) / 2)):.1f}" '
+                               f'cy="{panel.y(v):.1f}" r="3" fill="{colour}" fill-opacity="{opacity}" '
+                               f'stroke="{colour}"/>')
+
+    def network_labels(panel):
+        for i, arch in enumerate(archs):
+            x, y = panel.x(i + 0.5), panel.y(panel.ylim[0]) + 12
+            panel.parts.append(f'<text transform="translate({x:.1f},{y:.1f}) rotate(-20)" text-anchor="end" '
+                               f'font-size="10">{arch}</text>')
+
+    def sd(values):
+        return statistics.stdev(values) if len(values) > 1 else None
+
+    columns = {a: [("random", "#777", 0.8, [refs[a, s][0] for s in seeds[a]])] +
+               [(rc, COLOURS[i % 8], 0.35 if rc == "baseline" else 0.95,
+                 [r["knn"] for r in rows if r["arch"] == a and r["recipe"] == rc]) for rc in RECIPES]
+               for i, a in enumerate(archs)}
+    values = [refs["pixels"]] + [v for cols in columns.values() for *_, vs in cols for v in vs]
+    knn = Panel(70, 40, 460, 250, (0, len(archs)), limits(values, 0.12),
+                f"kNN top-1 (%), k {k}: every seed, mean ± sd", "kNN top-1 (%)")
+    for i, arch in enumerate(archs):
+        for j, (_, colour, opacity, vs) in enumerate(columns[arch]):
+            seed_dots(knn, i + 0.2 + 0.3 * j, vs, colour, opacity)
+            whisker(knn, i + 0.2 + 0.3 * j, vs, sd(vs))
+    knn.line([(0, refs["pixels"]), (len(archs), refs["pixels"])], "#444", dashed=True)
+    network_labels(knn)
+    effects = {a: recipe_effect(rows, a, "knn") for a in archs}
+    ends = [0.0] + [v for d in effects.values() for v in d] + [
+        statistics.mean(d) + sign * confidence(d) for d in effects.values() if len(d) > 1 for sign in (-1, 1)]
+    diff = Panel(620, 40, 330, 250, (0, len(archs)), limits(ends, 0.12),
+                 "small-model recipe minus baseline, kNN, by seed", "points")
+    diff.line([(0, 0), (len(archs), 0)], "black", width=1)
+    for i, arch in enumerate(archs):
+        seed_dots(diff, i + 0.5, effects[arch], COLOURS[i % 8], 0.95)
+        whisker(diff, i + 0.5, effects[arch], confidence(effects[arch]))
+    network_labels(diff)
+    several = any(len(s) > 1 for s in seeds.values())
+    lines = legend(70, 360, [
+        ('<circle cx="4" cy="6" r="3" fill="#777" fill-opacity="0.8" stroke="#777"/><circle cx="12" cy="6" r="3" '
+         'fill="#1f77b4" fill-opacity="0.35" stroke="#1f77b4"/><circle cx="20" cy="6" r="3" fill="#1f77b4" '
+         'fill-opacity="0.95" stroke="#1f77b4"/>', "per network: random init (grey), baseline (light), small-model "
+                                                  "recipe (dark); a dot per seed"),
+        (svg_line("6,6 18,6", "black", width=2.5) + svg_line("12,0 12,12", "black", width=1.2),
+         "mean ± sd over seeds" if several else "mean (one seed: no spread)"),
+        (svg_line("0,6 24,6", "#444", dashed=True), f"raw pixels ({refs['pixels']:.2f})")])
+    lines += legend(620, 360, [
+        ('<circle cx="12" cy="6" r="3" fill="#555" stroke="#555"/>', "one seed: small minus the baseline of that seed"),
+        (svg_line("6,6 18,6", "black", width=2.5) + svg_line("12,0 12,12", "black", width=1.2),
+         "mean, 95% confidence interval (paired t)"),
+        ("", "an interval across 0: within the seed spread")])
+    panels = [knn, diff]
     curves = {}
     for r in rows:
         log = read_log(f"{out}/{r['arch']}_{r['recipe']}_s{r['seed']}/log.jsonl")
         curves[r["arch"], r["recipe"], r["seed"]] = {key: [(x["epoch"], x[key]) for x in log if key in x]
                                                      for key in ("epoch_acc", "knn_top1")}
-    values = [r["knn"] for r in rows] + [refs[a, s][0] for a in archs for s in seeds[a]] + [refs["pixels"]]
-    bars = Panel(60, 40, 440, 250, (0, len(archs)), limits(values, 0.15),
-                 f"kNN top-1 (%), k {rows[0]['knn_k']}", "kNN top-1 (%)")
-    for i, arch in enumerate(archs):
-        for j, recipe in enumerate(RECIPES):
-            knn = [r["knn"] for r in rows if r["arch"] == arch and r["recipe"] == recipe]
-            x0, top, base = bars.x(i + 0.12 + 0.38 * j), bars.y(statistics.mean(knn)), bars.y(bars.ylim[0])
-            bars.parts.append(f'<rect x="{x0:.1f}" y="{top:.1f}" width="{bars.x(0.36) - bars.x(0):.1f}" '
-                              f'height="{base - top:.1f}" fill="{COLOURS[i % 8]}" '
-                              f'fill-opacity="{0.9 if recipe == "small" else 0.35}"/>')
-            for v in knn:
-                bars.parts.append(f'<circle cx="{x0 + (bars.x(0.18) - bars.x(0)):.1f}" cy="{bars.y(v):.1f}" r="2.5" '
-                                  f'fill="white" stroke="black"/>')
-        mean_ref = statistics.mean(refs[arch, s][0] for s in seeds[arch])
-        bars.line([(i + 0.06, mean_ref), (i + 0.94, mean_ref)], "black", width=2.5)
-        x, y = bars.x(i + 0.5), bars.y(bars.ylim[0]) + 12
-        bars.parts.append(f'<text transform="translate({x:.1f},{y:.1f}) rotate(-20)" text-anchor="end" '
-                          f'font-size="10">{arch}</text>')
-    bars.line([(0, refs["pixels"]), (len(archs), refs["pixels"])], "#444", dashed=True)
-    bars.parts += legend(60, 352, [
-        ('<rect width="11" height="12" fill="#888" fill-opacity="0.35"/><rect x="12" width="11" height="12" '
-         'fill="#888" fill-opacity="0.9"/>', "bars: baseline (light), small-model recipe (dark); mean over seeds"),
-        ('<circle cx="12" cy="6" r="2.5" fill="white" stroke="black"/>', "one seed's run"),
-        (svg_line("0,6 24,6", "black", width=2.5), "the network untrained (random init), mean over seeds"),
-        (svg_line("0,6 24,6", "#444", dashed=True), f"raw pixels ({refs['pixels']:.2f})")])
-    panels = [bars]
-    for left, key, title in ((580, "epoch_acc", "pretext accuracy, epoch mean (%)"),
-                             (1020, "knn_top1", "kNN monitor top-1 (%)")):
+    for left, width, key, title in ((70, 460, "epoch_acc", "pretext accuracy, epoch mean (%)"),
+                                    (620, 330, "knn_top1", "kNN monitor top-1 (%)")):
         points = [p for c in curves.values() for p in c[key]]
         if not points:  # the imagenet preset runs no kNN monitor
             continue
-        panel = Panel(left, 40, 370, 250, limits([p[0] for p in points], 0.02), limits([p[1] for p in points]),
+        panel = Panel(left, 490, width, 250, limits([p[0] for p in points], 0.02), limits([p[1] for p in points]),
                       title, "%")
         panel.xticks(sorted({p[0] for p in points}), "epoch")
         for (arch, recipe, seed), c in curves.items():
@@ -464,14 +595,13 @@ def figure(rows, refs, out, archs, seeds, path):
                 panel.line(c[key], colour, dashed=recipe == "baseline", opacity=opacity)
                 panel.dots(c[key], colour, opacity)
         panels.append(panel)
-    several = any(len(s) > 1 for s in seeds.values())
-    lines = legend(580, 352, [(svg_line("0,6 24,6", "#555"), "small-model recipe"),
+    lines += legend(70, 790, [(svg_line("0,6 24,6", "#555"), "small-model recipe"),
                               (svg_line("0,6 24,6", "#555", dashed=True), "baseline"),
                               ("", "one line per run" + ("; seed 0 dark, the other seeds light" if several else ""))])
-    lines += legend(1010, 352, [(svg_line("0,6 24,6", COLOURS[i % 8], width=3), arch) for i, arch in enumerate(archs)])
+    lines += legend(620, 790, [(svg_line("0,6 24,6", COLOURS[i % 8], width=3), arch) for i, arch in enumerate(archs)])
     body = "\n".join(part for p in panels for part in p.parts) + "\n" + "\n".join(lines)
     with open(path, "w") as f:
-        f.write(f'<svg xmlns="http://www.w3.org/2000/svg" width="1420" height="440" font-family="sans-serif" '
+        f.write(f'<svg xmlns="http://www.w3.org/2000/svg" width="1000" height="880" font-family="sans-serif" '
                 f'font-size="11">\n<rect width="100%" height="100%" fill="white"/>\n{body}\n</svg>\n')
 
 

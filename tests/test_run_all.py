@@ -125,6 +125,31 @@ def test_the_table_is_rebuilt_from_the_files_alone(finished, tmp_path):
     assert proc.returncode == 1 and "study.json does not exist" in proc.stderr
 
 
+def test_every_tracked_table_is_what_report_py_makes_of_its_files(tmp_path):
+    """Each tracked study folder (results/**/study.json) rebuilds, from its JSON and logs alone, to the tables, the
+    CSV and the figure that are tracked beside them: no table in the repository holds a number its files do not (the
+    line naming the code is left out: it compares the results' commits with whatever checkout runs the test)."""
+    listed = subprocess.run(["git", "ls-files", "results/*/study.json", "results/**/study.json"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split()
+    folders = sorted({os.path.dirname(path) for path in listed})
+    assert {"results/demo", "results/probes/mnv3s_6seeds"} <= set(folders), folders
+
+    def without_code_line(text):
+        return [line for line in text.splitlines() if not (line.startswith("`") and " Code: " in line)]
+
+    for folder in folders:
+        copy = tmp_path / folder
+        shutil.copytree(os.path.join(ROOT, folder), copy)
+        for name in ("RESULTS.md", "results.csv", "results.svg"):
+            (copy / name).unlink()
+        proc = subprocess.run([sys.executable, "report.py", str(copy)], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, (folder, proc.stderr[-2000:])
+        assert without_code_line((copy / "RESULTS.md").read_text()) == without_code_line(
+            open(os.path.join(ROOT, folder, "RESULTS.md")).read()), f"{folder}/RESULTS.md: rebuild it with report.py {folder}"
+        for name in ("results.csv", "results.svg"):
+            assert (copy / name).read_text() == open(os.path.join(ROOT, folder, name)).read(), f"{folder}/{name}"
+
+
 def test_mistakes_are_refused_before_any_folder_is_made(tmp_path):
     """Dry runs and real runs alike check the networks and the data first; a GPU preset on a CPU says what it would
     cost and stops. Nothing is written under STUDY_DIR."""
@@ -300,6 +325,48 @@ def test_paired_statistics_against_a_hand_computation():
     assert report.paired([0.5]) == (None, None) and report.paired([0.0, 0.0]) == (0.0, False)
 
 
+def test_the_confidence_interval_excludes_0_exactly_when_the_difference_is_beyond_the_spread():
+    # mean 1.025, sd 0.171, n 4: half-width 3.182 * 0.171 / 2 = 0.272 (hand computation)
+    assert report.confidence([1.0, 1.2, 0.8, 1.1]) == pytest.approx(3.182 * 0.17078251 / 2, rel=1e-6)
+    assert report.confidence([0.5]) is None
+    generator = torch.Generator().manual_seed(0)
+    for n in (2, 3, 5, 8):
+        for _ in range(50):
+            diffs = (torch.randn(n, generator=generator) + 1).tolist()
+            mean, half = sum(diffs) / n, report.confidence(diffs)
+            assert report.paired(diffs)[1] == (abs(mean) > half), diffs
+
+
+def synthetic_rows(effects, gains, pixels_minus):
+    """Rows as report.collect makes them: per network, per seed, the baseline and the small recipe, the small one
+    `effects[arch][seed]` kNN points above the baseline; the baseline `gains[arch][seed]` above its random init."""
+    rows = []
+    for arch, per_seed in effects.items():
+        for seed, (effect, gain) in enumerate(zip(per_seed, gains[arch])):
+            base = 70.0 + seed
+            for recipe, knn in (("baseline", base), ("small", base + effect)):
+                rows.append({"arch": arch, "recipe": recipe, "seed": seed, "knn": knn,
+                             "knn_gain": knn - (base - gain), "linear_top1": knn + 5})
+    return rows, {"pixels": 70.0 + pixels_minus}
+
+
+def test_the_tables_in_words_follow_the_numbers():
+    rows, refs = synthetic_rows({"resnet18": [2.0, 2.2, 1.8], "mobilenetv3_small": [3.0, -2.0, 0.5],
+                                 "efficientnet_b0": [-1.0]},
+                                {"resnet18": [5.0, 5.1, 4.9], "mobilenetv3_small": [-4.0, -4.2, -3.9],
+                                 "efficientnet_b0": [1.0]}, pixels_minus=-50.0)
+    words = "\n".join(report.findings(rows, refs, ["resnet18", "mobilenetv3_small", "efficientnet_b0"]))
+    kNN = words.splitlines()[0]
+    assert kNN.startswith("- **Small-model recipe minus baseline, kNN**: beyond the seed spread and in the recipe's "
+                          "favour for resnet18 (+2.00, t +17.3)"), kNN
+    assert "within the seed spread for mobilenetv3_small (+0.50, t +0.3)" in kNN
+    assert "one seed, so not measured, for efficientnet_b0 (-1.00)" in kNN
+    assert "below it beyond the seed spread: mobilenetv3_small baseline (-4.03" in words
+    assert "above it beyond the seed spread: resnet18 baseline (+5.00" in words
+    assert "Learned against raw pixels (20.00)**: above them beyond the seed spread: resnet18 baseline" in words
+    assert "with 2 networks tested and no recipe effect at all" in words and "probability 10%" in words
+
+
 @pytest.mark.parametrize("batch, per_run, splits", [(128, 1, 2), (512, 1, 8), (512, 8, 1), (256, 1, 4), (256, 2, 2),
                                                     (512, 2, 4), (64, 1, 1), (48, 1, 1)])
 def test_split_bn_keeps_groups_of_64_images_whatever_the_number_of_processes(batch, per_run, splits):
@@ -315,8 +382,10 @@ def test_figure_ticks_are_round_numbers():
 
 def test_the_figure_has_a_legend_for_every_mark(finished):
     svg = (finished[0] / "results" / "smoke" / "results.svg").read_text()
-    for mark in ("bars: baseline (light), small-model recipe (dark)", "one seed's run", "random init",
-                 "raw pixels (", "small-model recipe</text>", "baseline</text>",
+    for mark in ("per network: random init (grey), baseline (light), small-model recipe (dark); a dot per seed",
+                 "mean ± sd over seeds", "raw pixels (", "one seed: small minus the baseline of that seed",
+                 "mean, 95% confidence interval (paired t)", "an interval across 0: within the seed spread",
+                 "small-model recipe</text>", "baseline</text>",
                  "one line per run; seed 0 dark, the other seeds light", "mobilenetv3_small</text>"):
         assert mark in svg, mark
     assert 'rotate(-20)" text-anchor="end" font-size="10">mobilenetv3_small' in svg  # labels slanted: no collisions
@@ -401,6 +470,22 @@ def test_the_time_box_stops_a_running_job_like_ctrl_c(tmp_path, monkeypatch):
     start = time.time()
     assert runner.run() == "time box" and time.time() - start < 30
     assert "KeyboardInterrupt" in (tmp_path / "res" / "output.log").read_text()  # stopped by Ctrl-C, not killed
+
+
+def test_a_resumed_run_is_predicted_to_take_what_is_left_of_it(tmp_path):
+    """The prediction of a pretraining with a checkpoint covers the steps after it: slice 2 of the demo resumed a run
+    at step 850 of 936, counted its 2 min against a full run's 9 and corrected every later ETA by that pace."""
+    st = engine.Study("smoke", ["mobilenetv3_small"], study_dir=str(tmp_path), jobs=1)
+    job = engine.Job(st, "run", "mobilenetv3_small", 0)
+    costs = {"mobilenetv3_small": {recipe: {"step_s": 2.0, "start_s": 5.0, "steps": 100, "images": 0}
+                                   for recipe in engine.RECIPES} | {"eval_image_s": 0.0, "eval_start_s": 0.0}}
+    (label, res, run, staged, todo), *_ = job.parts()
+    pretraining = todo[0]
+    assert pretraining.script == "pretrain.py"
+    whole = engine.stage_cost(job, label, pretraining, costs)
+    os.makedirs(pretraining.run)
+    torch.save({"step": 75}, os.path.join(pretraining.run, "checkpoint.pt"))
+    assert engine.stage_cost(job, label, pretraining, costs) == pytest.approx(5.0 + (whole - 5.0) / 4)
 
 
 @pytest.mark.slow
