@@ -122,7 +122,8 @@ def slices_section(study):
     lines = []
     if study.get("slices"):
         lines += ["", "## How the study ran", "",
-                  "| slice | invocation | machine | jobs at once | jobs finished | predicted | took |",
+                  "| slice | invocation | machine | jobs at once | jobs finished | predicted for all jobs left at its "
+                  "start | took |",
                   "|---|---|---|---|---|---|---|"]
         for i, sl in enumerate(study["slices"], 1):
             m = sl.get("machine") or {}

@@ -14,6 +14,8 @@ def pytest_configure(config):
                                        "alone (bash run_all.sh gpucheck does)")
     if not config.option.markexpr:
         config.option.markexpr = "not slow"  # the default run stays fast
+    if config.option.durations is None:
+        config.option.durations = 15  # the slowest tests, in every log: what to trim when the suite grows
 
 
 def pytest_collection_modifyitems(config, items):
