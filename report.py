@@ -202,14 +202,31 @@ def spread(values, digits=2):
     return text if len(values) == 1 else f"{text} ± {statistics.stdev(values):.{digits}f}"
 
 
+def critical(n):
+    """The two-sided 5% critical value of Student's t for the mean of n values (n - 1 degrees of freedom): the table
+    up to 30, then the Cornish-Fisher expansion about the normal's 1.96 (within 1e-4 from 31 on)."""
+    df = n - 1
+    if df <= len(T_CRITICAL):
+        return T_CRITICAL[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
 def paired(diffs):
     """(t statistic, beyond the seed spread?) of paired differences; (None, None) for fewer than two."""
     if len(diffs) < 2:
         return None, None
     mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
     t = mean / (sd / math.sqrt(len(diffs))) if sd else math.copysign(math.inf, mean) if mean else 0.0
-    critical = T_CRITICAL[len(diffs) - 2] if len(diffs) - 1 <= len(T_CRITICAL) else 1.96
-    return t, abs(t) > critical
+    return t, abs(t) > critical(len(diffs))
+
+
+def interval(diffs):
+    """'low to high': the 95% confidence interval of the mean of paired differences; '-' for one."""
+    if len(diffs) < 2:
+        return "-"
+    mean, half = statistics.mean(diffs), confidence(diffs)
+    return f"{mean - half:+.2f} to {mean + half:+.2f}"
 
 
 def recipe_effect(rows, arch, key):
@@ -223,9 +240,10 @@ def per_seed(diffs):
 
 
 def t_cells(diffs):
-    """Two table cells: the paired t and whether the difference is beyond the seed spread."""
+    """Three table cells: the 95% interval of the mean difference, its t and whether it is beyond the seed spread."""
     t, beyond = paired(diffs)
-    return "- | one seed: not measured" if t is None else f"{t:+.1f} | {'yes' if beyond else 'no'}"
+    return ("- | - | one seed: not measured" if t is None else
+            f"{interval(diffs)} | {t:+.1f} | {'yes' if beyond else 'no'}")
 
 
 def findings(rows, refs, archs):
@@ -239,7 +257,8 @@ def findings(rows, refs, archs):
             t, beyond = paired(diffs)
             mean = statistics.mean(diffs)
             key = "one seed" if t is None else ("beyond up" if mean > 0 else "beyond down") if beyond else "within"
-            out[key].append(f"{name} ({mean:+.2f}" + ("" if t is None else f", t {t:+.1f}") + ")")
+            out[key].append(f"{name} ({mean:+.2f}" + ("" if t is None else f", 95% interval {interval(diffs)}, "
+                                                                f"t {t:+.1f}") + ")")
         return out
 
     def sentence(subject, g, up, down):
@@ -257,20 +276,25 @@ def findings(rows, refs, archs):
     linear = group((a, recipe_effect(rows, a, "linear_top1")) for a in archs)
     gain = group(per_run(lambda r: r["knn_gain"]))
     pixels = group(per_run(lambda r: r["knn"] - refs["pixels"]))
-    tested = sum(1 for a in archs if len(recipe_effect(rows, a, "knn")) > 1)
+    tests = 2 * sum(1 for a in archs if len(recipe_effect(rows, a, "knn")) > 1)  # kNN and linear per network
     lines = [sentence("Small-model recipe minus baseline, kNN", effect, "beyond the seed spread and in the recipe's "
                       "favour for", "beyond it and against the recipe for"),
              sentence("The same, linear", linear, "beyond the seed spread and in the recipe's favour for",
                       "beyond it and against the recipe for"),
              sentence("Learned against its own untrained network (kNN)", gain, "above it beyond the seed spread:",
                       "below it beyond the seed spread:"),
-             sentence(f"Learned against raw pixels ({refs['pixels']:.2f})", pixels, "above them beyond the seed "
-                      "spread:", "below them beyond the seed spread:")]
-    if tested > 1:
-        lines += ["", f"Each recipe comparison is its own test at 5%: with {tested} networks tested and no recipe "
-                      f"effect at all, at least one would read \"beyond\" by seed noise alone with probability "
-                      f"{1 - 0.95 ** tested:.0%}. A difference beyond the spread at one network is evidence to "
-                      f"confirm with more seeds, not a finding on its own."]
+             sentence(f"Learned against raw pixels ({refs['pixels']:.2f}; one-sample t against that constant)",
+                      pixels, "above them beyond the seed spread:", "below them beyond the seed spread:"),
+             "", "\"Beyond the seed spread\": a two-sided t-test of the per-seed differences (n - 1 degrees of "
+                 "freedom) rejects \"no difference\" at 5%, that is, the 95% interval of the mean difference excludes 0. It is "
+                 "a statement about the mean over seeds, not that every seed differs; a t just short of the line is "
+                 "about as much evidence as one just past it."]
+    if tests > 1:
+        lines += ["", f"The tables make {tests} recipe comparisons (kNN and linear per network with several seeds), "
+                      f"each a test at 5%: with no recipe effect at all, at least one would read \"beyond\" by seed "
+                      f"noise alone with probability at most {1 - 0.95 ** tests:.0%} (the figure for independent "
+                      f"tests; these share seeds and checkpoints, so the chance is lower). One network beyond the "
+                      f"spread is evidence to confirm with more seeds, not a finding on its own."]
     return lines
 
 
@@ -331,13 +355,13 @@ def markdown(study, rows, refs, eval_s, pixels, linear, seeds, made):
                   "output.log say why).", ""]
     lines += ["## Summary", "",
               "| network | seeds | kNN random init | random, BN of data | raw pixels | kNN baseline | "
-              "kNN small recipe | small - baseline, paired | linear baseline | linear small recipe |",
+              "kNN small recipe | small - baseline, paired: mean ± sd (t) | linear baseline | linear small recipe |",
               "|---" * 10 + "|"]
     for arch in archs:
         effect = recipe_effect(rows, arch, "knn")
         t, _ = paired(effect)
         effect_cell = f"{statistics.mean(effect):+.2f}" + (
-            "" if t is None else f" ± {statistics.stdev(effect):.2f} (t {t:.1f})")
+            "" if t is None else f" ± {statistics.stdev(effect):.2f} (t {t:+.1f})")
         lines.append(f"| {arch} | {len(seeds[arch])} | {spread([refs[arch, s][0] for s in seeds[arch]])} | "
                      f"{spread([refs[arch, s][1] for s in seeds[arch]])} | {refs['pixels']:.2f} | "
                      f"{spread([r['knn'] for r in sel(arch, 'baseline')])} | "
@@ -372,17 +396,19 @@ def markdown(study, rows, refs, eval_s, pixels, linear, seeds, made):
                          f"{spread(col['uniformity'], 3)} | {spread(col['images_per_s'], 0)} | "
                          f"{spread(col['pretrain_min'], 1)} |")
     lines += ["", "## Small-model recipe minus baseline, paired by seed", "",
-              "| network | kNN, per seed | kNN mean ± sd | paired t | beyond the seed spread | linear, per seed | "
-              "linear mean ± sd | linear paired t | beyond the seed spread |", "|---" * 9 + "|"]
+              "| network | kNN, per seed | kNN mean ± sd | 95% interval | paired t | beyond the seed spread | "
+              "linear, per seed | linear mean ± sd | 95% interval | linear paired t | beyond the seed spread |",
+              "|---" * 11 + "|"]
     for arch in archs:
         knn, linear_diff = recipe_effect(rows, arch, "knn"), recipe_effect(rows, arch, "linear_top1")
         lines.append(f"| {arch} | {per_seed(knn)} | {spread(knn)} | {t_cells(knn)} | {per_seed(linear_diff)} | "
                      f"{spread(linear_diff)} | {t_cells(linear_diff)} |")
-    lines += ["", "## Learned against its references, paired by seed", "",
-              "Each run's kNN minus its own seed's untrained network, and minus raw pixels (one number, the same "
-              "for every seed).", "",
-              "| network | recipe | minus random init, per seed | mean ± sd | t | beyond the seed spread | "
-              "minus raw pixels, mean ± sd | t | beyond the seed spread |", "|---" * 9 + "|"]
+    lines += ["", "## Learned against its references", "",
+              "Each run's kNN minus its own seed's untrained network (paired by seed), and minus raw pixels (one "
+              "number, the same for every seed: a one-sample t of the runs against that constant).", "",
+              "| network | recipe | minus random init, per seed | mean ± sd | 95% interval | paired t | "
+              "beyond the seed spread | minus raw pixels, mean ± sd | 95% interval | one-sample t | "
+              "beyond the seed spread |", "|---" * 11 + "|"]
     for arch in archs:
         for recipe in RECIPES:
             gain = [r["knn_gain"] for r in sel(arch, recipe)]
@@ -399,9 +425,7 @@ def neighbours_section(study, rows, archs):
     """Markdown: the neighbours pictures of seed 0 side by side (raw pixels, random init, baseline, small-model
     recipe) for the network whose recipe effect on kNN is largest, with the share of same-class neighbours and,
     from OUT/notes.json's "neighbours", one sentence each written by whoever looked at them."""
-    effect = {a: statistics.mean(s["knn"] - b["knn"] for b, s in zip(
-        [r for r in rows if r["arch"] == a and r["recipe"] == "baseline"],
-        [r for r in rows if r["arch"] == a and r["recipe"] == "small"])) for a in archs}
+    effect = {a: statistics.mean(recipe_effect(rows, a, "knn")) for a in archs}
     arch = max(archs, key=lambda a: abs(effect[a]))
     panels = {"pixels": ("raw pixels", "pixels/knn.json", "pixels/neighbours.png"),
               "random": ("random init", f"{arch}_random_s0/knn.json", f"{arch}_random_s0/neighbours.png"),
@@ -506,8 +530,7 @@ def confidence(diffs):
     It excludes 0 exactly when paired() calls the difference beyond the seed spread."""
     if len(diffs) < 2:
         return None
-    critical = T_CRITICAL[len(diffs) - 2] if len(diffs) - 1 <= len(T_CRITICAL) else 1.96
-    return critical * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return critical(len(diffs)) * statistics.stdev(diffs) / math.sqrt(len(diffs))
 
 
 def figure(rows, refs, out, archs, seeds, path):

@@ -325,6 +325,13 @@ def test_paired_statistics_against_a_hand_computation():
     assert report.paired([0.5]) == (None, None) and report.paired([0.0, 0.0]) == (0.0, False)
 
 
+def test_t_critical_values_beyond_the_table_follow_the_t_distribution():
+    # scipy.stats.t.ppf(0.975, df) for df 31, 40, 60, 120: 2.0395, 2.0211, 2.0003, 1.9799
+    for n, value in ((32, 2.0395), (41, 2.0211), (61, 2.0003), (121, 1.9799)):
+        assert report.critical(n) == pytest.approx(value, abs=2e-4)
+    assert report.critical(31) == 2.042 and report.critical(2) == 12.706
+
+
 def test_the_confidence_interval_excludes_0_exactly_when_the_difference_is_beyond_the_spread():
     # mean 1.025, sd 0.171, n 4: half-width 3.182 * 0.171 / 2 = 0.272 (hand computation)
     assert report.confidence([1.0, 1.2, 0.8, 1.1]) == pytest.approx(3.182 * 0.17078251 / 2, rel=1e-6)
@@ -358,13 +365,14 @@ def test_the_tables_in_words_follow_the_numbers():
     words = "\n".join(report.findings(rows, refs, ["resnet18", "mobilenetv3_small", "efficientnet_b0"]))
     kNN = words.splitlines()[0]
     assert kNN.startswith("- **Small-model recipe minus baseline, kNN**: beyond the seed spread and in the recipe's "
-                          "favour for resnet18 (+2.00, t +17.3)"), kNN
-    assert "within the seed spread for mobilenetv3_small (+0.50, t +0.3)" in kNN
+                          "favour for resnet18 (+2.00, 95% interval +1.50 to +2.50, t +17.3)"), kNN
+    assert "within the seed spread for mobilenetv3_small (+0.50, 95% interval -5.71 to +6.71, t +0.3)" in kNN
     assert "one seed, so not measured, for efficientnet_b0 (-1.00)" in kNN
     assert "below it beyond the seed spread: mobilenetv3_small baseline (-4.03" in words
     assert "above it beyond the seed spread: resnet18 baseline (+5.00" in words
-    assert "Learned against raw pixels (20.00)**: above them beyond the seed spread: resnet18 baseline" in words
-    assert "with 2 networks tested and no recipe effect at all" in words and "probability 10%" in words
+    assert ("Learned against raw pixels (20.00; one-sample t against that constant)**: above them beyond the seed "
+            "spread: resnet18 baseline") in words
+    assert "The tables make 4 recipe comparisons" in words and "with probability at most 19%" in words
 
 
 @pytest.mark.parametrize("batch, per_run, splits", [(128, 1, 2), (512, 1, 8), (512, 8, 1), (256, 1, 4), (256, 2, 2),
