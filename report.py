@@ -286,9 +286,9 @@ def findings(rows, refs, archs):
              sentence(f"Learned against raw pixels ({refs['pixels']:.2f}; one-sample t against that constant)",
                       pixels, "above them beyond the seed spread:", "below them beyond the seed spread:"),
              "", "\"Beyond the seed spread\": a two-sided t-test of the per-seed differences (n - 1 degrees of "
-                 "freedom) rejects \"no difference\" at 5%, that is, the 95% interval of the mean difference excludes 0. It is "
-                 "a statement about the mean over seeds, not that every seed differs; a t just short of the line is "
-                 "about as much evidence as one just past it."]
+                 "freedom) rejects \"no difference\" at 5%, that is, the 95% interval of the mean difference "
+                 "excludes 0. It is a statement about the mean over seeds, not that every seed differs; a t just "
+                 "short of the line is about as much evidence as one just past it."]
     if tests > 1:
         lines += ["", f"The tables make {tests} recipe comparisons (kNN and linear per network with several seeds), "
                       f"each a test at 5%: with no recipe effect at all, at least one would read \"beyond\" by seed "
