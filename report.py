@@ -221,6 +221,14 @@ def paired(diffs):
     return t, abs(t) > critical(len(diffs))
 
 
+def sign_test(up, n):
+    """Two-sided p of an exact sign test: the chance of a split at least as uneven as `up` of `n` under a fair coin."""
+    if not n:
+        return 1.0
+    extreme = min(up, n - up)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(extreme + 1)) / 2 ** n)
+
+
 def interval(diffs):
     """'low to high': the 95% confidence interval of the mean of paired differences; '-' for one."""
     if len(diffs) < 2:
@@ -289,6 +297,15 @@ def findings(rows, refs, archs):
                  "freedom) rejects \"no difference\" at 5%, that is, the 95% interval of the mean difference "
                  "excludes 0. It is a statement about the mean over seeds, not that every seed differs; a t just "
                  "short of the line is about as much evidence as one just past it."]
+    pairs = {key: [d for a in archs for d in recipe_effect(rows, a, key)] for key in ("knn", "linear_top1")}
+    if len(archs) > 1 and len(pairs["knn"]) > 1:
+        counts = {key: (sum(d > 0 for d in ds), sum(d != 0 for d in ds)) for key, ds in pairs.items()}
+        lines += ["", "All networks together (a sign test over every network's seed pairs, which asks whether the "
+                      "recipe helps more often than not, not by how much): "
+                      + "; ".join(f"{name}, {up} of {n} pairs favour the small-model recipe (two-sided p "
+                                  f"{sign_test(up, n):.2g})" for name, (up, n) in (("kNN", counts["knn"]),
+                                                                                 ("linear", counts["linear_top1"])))
+                      + "."]
     if tests > 1:
         lines += ["", f"The tables make {tests} recipe comparisons (kNN and linear per network with several seeds), "
                       f"each a test at 5%: with no recipe effect at all, at least one would read \"beyond\" by seed "

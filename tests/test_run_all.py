@@ -144,8 +144,9 @@ def test_every_tracked_table_is_what_report_py_makes_of_its_files(tmp_path):
             (copy / name).unlink()
         proc = subprocess.run([sys.executable, "report.py", str(copy)], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 0, (folder, proc.stderr[-2000:])
-        assert without_code_line((copy / "RESULTS.md").read_text()) == without_code_line(
-            open(os.path.join(ROOT, folder, "RESULTS.md")).read()), f"{folder}/RESULTS.md: rebuild it with report.py {folder}"
+        tracked = open(os.path.join(ROOT, folder, "RESULTS.md")).read()
+        assert without_code_line((copy / "RESULTS.md").read_text()) == without_code_line(tracked), (
+            f"{folder}/RESULTS.md: rebuild it with report.py {folder}")
         for name in ("results.csv", "results.svg"):
             assert (copy / name).read_text() == open(os.path.join(ROOT, folder, name)).read(), f"{folder}/{name}"
 
@@ -373,6 +374,14 @@ def test_the_tables_in_words_follow_the_numbers():
     assert ("Learned against raw pixels (20.00; one-sample t against that constant)**: above them beyond the seed "
             "spread: resnet18 baseline") in words
     assert "The tables make 4 recipe comparisons" in words and "with probability at most 19%" in words
+    assert "kNN, 5 of 7 pairs favour the small-model recipe (two-sided p 0.45)" in words  # 2 x 29 / 128
+
+
+def test_the_sign_test_against_a_hand_computation():
+    assert report.sign_test(14, 15) == pytest.approx(2 * 16 / 2 ** 15)  # 15 + 1 splits as uneven, both ways
+    assert report.sign_test(1, 15) == report.sign_test(14, 15)
+    assert report.sign_test(12, 15) == pytest.approx(2 * (1 + 15 + 105 + 455) / 2 ** 15)
+    assert report.sign_test(5, 10) == 1.0 and report.sign_test(0, 0) == 1.0
 
 
 @pytest.mark.parametrize("batch, per_run, splits", [(128, 1, 2), (512, 1, 8), (512, 8, 1), (256, 1, 4), (256, 2, 2),
