@@ -151,6 +151,17 @@ def test_every_tracked_table_is_what_report_py_makes_of_its_files(tmp_path):
             assert (copy / name).read_text() == open(os.path.join(ROOT, folder, name)).read(), f"{folder}/{name}"
 
 
+def test_the_readme_table_is_the_demo_study_summary():
+    """The README's results table is results/demo/RESULTS.md's summary, row for row: a rebuilt study that changes a
+    number fails here until the README says it too."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme.split("\n## Results\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    summary = open(os.path.join(ROOT, "results", "demo", "RESULTS.md")).read().split("\n## Summary\n", 1)[1]
+    summary_rows = [line for line in summary.split("\n## ", 1)[0].splitlines() if line.startswith("|")]
+    assert len(rows) == 7 and rows == summary_rows, "copy results/demo/RESULTS.md's summary table into the README"
+
+
 def test_mistakes_are_refused_before_any_folder_is_made(tmp_path):
     """Dry runs and real runs alike check the networks and the data first; a GPU preset on a CPU says what it would
     cost and stops. Nothing is written under STUDY_DIR."""
