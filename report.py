@@ -1,14 +1,18 @@
 """The study's results, from the files study.py's jobs wrote under OUT_DIR: RESULTS.md (tables to paste into a
-paper), results.csv (one row per network, recipe and seed) and results.svg (kNN per network and recipe with every
-seed against the references, and the health curves: pretext accuracy and the kNN monitor per epoch).
+paper, and the tables in words), results.csv (one row per network, recipe and seed) and results.svg (kNN of every
+run and seed beside the references, the recipe difference paired by seed with its 95% interval, and the health
+curves: pretext accuracy and the kNN monitor per epoch).
 
     python3 report.py results/demo          # rebuilds the three files from the study's JSON, logs and study.json
 
 OUT_DIR/study.json (written by study.py) names the preset, the networks, the seeds, the invocation and the slices that
-ran it; runs and references not finished yet are named, not tabled. Every figure
-over seeds is mean +- sd (sample standard deviation, n - 1) and n. Comparisons are paired by seed: a learned network
-against its own seed's random init, the small-model recipe against the baseline of the same seed; a paired
-difference counts as beyond the seed spread when a two-sided paired t-test rejects "no difference" at 5%.
+ran it; runs and references not finished yet are named, not tabled; OUT_DIR/notes.json, where there is one, holds
+sentences written by hand after looking (the study's, the neighbours pictures'). Every figure over seeds is mean +- sd
+(sample standard deviation, n - 1) and n. Comparisons are paired by seed: a learned network against its own seed's
+random init, the small-model recipe against the baseline of the same seed; a paired difference counts as beyond the
+seed spread when a two-sided paired t-test rejects "no difference" at 5% (its 95% interval excludes 0). Raw pixels
+are one number: runs are compared with it by a one-sample t. Over all networks, a sign test counts the seed pairs
+that favour each recipe.
 """
 import argparse
 import collections
