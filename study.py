@@ -871,14 +871,19 @@ def run_study(study, all_jobs, env, args):
     runs = sum(1 for u in todo for *_, t in u.parts() if t and t[0].script == "pretrain.py")
     where = f"{study.gpus} GPU(s)" if study.gpus else f"a CPU of {os.cpu_count()} cores"
     parts = cost_breakdown(todo, costs) if todo else {}
-    say(f"study {study.preset}: {len(todo)} of {len(all_units)} jobs to run ({runs} pretraining(s)) on {where}, "
-        f"{study.jobs} at once: about {run_state.duration(predicted)} here, from the step and evaluation speeds timed "
-        f"just now (one job after another: " + ", ".join(f"{k} {run_state.duration(v)}" for k, v in parts.items())
-        + ")" + (f"; time box {args.hours:g} h" if args.hours else "") + f"; results in {study.out}")
+    if todo:
+        say(f"study {study.preset}: {len(todo)} of {len(all_units)} jobs to run ({runs} pretraining(s)) on {where}, "
+            f"{study.jobs} at once: about {run_state.duration(predicted)} here, from the step and evaluation speeds "
+            f"timed just now (one job after another: "
+            + ", ".join(f"{k} {run_state.duration(v)}" for k, v in parts.items()) + ")"
+            + (f"; time box {args.hours:g} h" if args.hours else "") + f"; results in {study.out}")
+    else:
+        say(f"study {study.preset}: all {len(all_units)} jobs are done; the table is rebuilt from their files in "
+            f"{study.out} (study.json unchanged: nothing ran)")
     deadline = started + args.hours * 3600 if args.hours else None
     runner = Runner(study, all_units, costs, env, deadline)  # the finished ones say "done, skipped"
     outcome = runner.run()  # a failing job ends the study here (SystemExit, exit 1): no table of a broken study
-    write_study(study, args, predicted, time.time() - started, runner)  # the table of whatever has finished
+    write_study(study, args, predicted, time.time() - started, runner, record=bool(todo))  # the table so far
     left = [u for u in all_units if not u.is_done()]
     if outcome == "interrupted":
         say(f"study: interrupted; {len(all_units) - len(left)} of {len(all_units)} jobs done: run the same command "
@@ -893,13 +898,17 @@ def run_study(study, all_jobs, env, args):
     return 0
 
 
-def write_study(study, args, predicted, seconds, runner):
+def write_study(study, args, predicted, seconds, runner, record=True):
     """results/PRESET/study.json: the study as today's invocation describes it, and every slice that worked on it
     (this one appended: its invocation, machine, predicted and actual seconds, the jobs it finished); then the
-    table, from whatever has finished."""
+    table, from whatever has finished. An invocation that found nothing to run (record False) leaves study.json as
+    it was: a clone that reruns the study's command gets the tracked files back unchanged."""
     path = os.path.join(study.out, "study.json")
     os.makedirs(study.out, exist_ok=True)
     old = json.load(open(path)) if os.path.exists(path) else {}
+    if not record and old:
+        subprocess.run([study.python, os.path.join(ROOT, "report.py"), study.out], cwd=ROOT)
+        return
     slices = old.get("slices", [])
     slices.append({"invocation": args.invocation or shlex.join(sys.argv), "machine": machine(runner.started,
                                                                                              torch_device()),

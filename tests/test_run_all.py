@@ -101,13 +101,17 @@ def test_a_rerun_skips_finished_stages(finished):
     tmp_path, first = finished
     ckpt = tmp_path / "runs" / "smoke" / RUN / "checkpoint.pt"
     before = ckpt.stat().st_mtime_ns
+    record = (tmp_path / "results" / "smoke" / "study.json").read_text()
     proc = study(tmp_path, SEEDS="2", JOBS="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "steps/epoch" not in proc.stdout and "kNN top-1" not in proc.stdout  # nothing trained or evaluated
     assert proc.stdout.count(": done, skipped") == 7  # and it says so, job by job (4 runs, 2 refs, pixels)
     assert "timing each network" not in proc.stdout  # nothing to run: no cost probe either
+    assert "study smoke: all 7 jobs are done" in proc.stdout and "jobs to run" not in proc.stdout
     assert ckpt.stat().st_mtime_ns == before
     assert (tmp_path / "results" / "smoke" / "RESULTS.md").exists()
+    # no slice of nothing: a clone that reruns the tracked study's command keeps its study.json as it was
+    assert (tmp_path / "results" / "smoke" / "study.json").read_text() == record
 
 
 def test_the_table_is_rebuilt_from_the_files_alone(finished, tmp_path):
