@@ -102,8 +102,12 @@ def load_model(args):
 def checkpoint_identity(path):
     """(step, SHA-256 of the file's bytes): written into every result, so that a result outlives neither the
     checkpoint it measured nor a new pretraining in the same folder (study.py redoes it on a mismatch)."""
-    step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
-    return step, file_sha256(path)
+    return checkpoint_step(path), file_sha256(path)
+
+
+def checkpoint_step(path):
+    """The step a checkpoint holds, read with its tensors memory-mapped (not read): cheap for any size."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
 
 
 def file_sha256(path):

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import models
-from evaluation import machine, pick_device, save_atomic, writable_dir, write_json
+from evaluation import checkpoint_step, machine, pick_device, save_atomic, writable_dir, write_json
 
 # 2: --lr is a rate per 256 images (version 1 stored the peak rate itself); resuming needs the same version
 CHECKPOINT_VERSION = 2
@@ -377,11 +377,9 @@ def trim_log(path, step):
 
 
 def saved_step(out):
-    """The step of the checkpoint in run folder `out` (its tensors memory-mapped, not read), or None without one."""
+    """The step of the checkpoint in run folder `out`, or None without one."""
     path = os.path.join(out, "checkpoint.pt")
-    if not os.path.exists(path):
-        return None
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    return checkpoint_step(path) if os.path.exists(path) else None
 
 
 def interrupted(out, argv, script):
@@ -396,8 +394,8 @@ def interrupted(out, argv, script):
                      f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"]
     script = os.path.relpath(os.path.abspath(script))  # from the working directory, as the interpreter's path
     command = shlex.join([*launcher, script, *argv, *([] if "--resume" in argv else ["--resume"])])
-    path = os.path.join(out, "checkpoint.pt")
-    if not os.path.exists(path):
-        return f"interrupted before the first checkpoint, so nothing was saved: rerun `{command}` to start again."
     step = saved_step(out)
-    return f"interrupted; the last checkpoint, {path}, holds step {step}: resume with `{command}`."
+    if step is None:
+        return f"interrupted before the first checkpoint, so nothing was saved: rerun `{command}` to start again."
+    return (f"interrupted; the last checkpoint, {os.path.join(out, 'checkpoint.pt')}, holds step {step}: resume "
+            f"with `{command}`.")
