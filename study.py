@@ -867,11 +867,12 @@ def run_study(study, all_jobs, env, args):
     all_units = units(all_jobs)
     todo = [u for u in all_units if not u.is_done()]
     costs = measure(study, sorted({j.arch for j in todo if j.arch}) or study.archs[:1], env, say) if todo else {}
-    predicted = makespan([job_cost(j, costs) for j in todo], study.jobs)
+    predicted_of = {u: job_cost(u, costs) for u in todo}  # worked out once: the pool reuses them
+    predicted = makespan(list(predicted_of.values()), study.jobs)
     runs = sum(1 for u in todo for *_, t in u.parts() if t and t[0].script == "pretrain.py")
     where = f"{study.gpus} GPU(s)" if study.gpus else f"a CPU of {os.cpu_count()} cores"
-    parts = cost_breakdown(todo, costs) if todo else {}
     if todo:
+        parts = cost_breakdown(todo, costs)
         say(f"study {study.preset}: {len(todo)} of {len(all_units)} jobs to run ({runs} pretraining(s)) on {where}, "
             f"{study.jobs} at once: about {run_state.duration(predicted)} here, from the step and evaluation speeds "
             f"timed just now (one job after another: "
@@ -882,6 +883,7 @@ def run_study(study, all_jobs, env, args):
             f"{study.out} (study.json unchanged: nothing ran)")
     deadline = started + args.hours * 3600 if args.hours else None
     runner = Runner(study, all_units, costs, env, deadline)  # the finished ones say "done, skipped"
+    runner.predicted.update(predicted_of)
     outcome = runner.run()  # a failing job ends the study here (SystemExit, exit 1): no table of a broken study
     write_study(study, args, predicted, time.time() - started, runner, record=bool(todo))  # the table so far
     left = [u for u in all_units if not u.is_done()]
@@ -906,16 +908,14 @@ def write_study(study, args, predicted, seconds, runner, record=True):
     path = os.path.join(study.out, "study.json")
     os.makedirs(study.out, exist_ok=True)
     old = json.load(open(path)) if os.path.exists(path) else {}
-    if not record and old:
-        subprocess.run([study.python, os.path.join(ROOT, "report.py"), study.out], cwd=ROOT)
-        return
-    slices = old.get("slices", [])
-    slices.append({"invocation": args.invocation or shlex.join(sys.argv), "machine": machine(runner.started,
-                                                                                             torch_device()),
-                   "jobs": study.jobs, "predicted_s": round(predicted), "seconds": round(seconds),
-                   "finished": [j.name for j, cost, _ in runner.finished if cost]})
-    with open(path, "w") as f:
-        json.dump(study_record(study, args, slices, old), f, indent=2)
+    if record or not old:
+        slices = old.get("slices", [])
+        slices.append({"invocation": args.invocation or shlex.join(sys.argv), "machine": machine(runner.started,
+                                                                                                 torch_device()),
+                       "jobs": study.jobs, "predicted_s": round(predicted), "seconds": round(seconds),
+                       "finished": [j.name for j, cost, _ in runner.finished if cost]})
+        with open(path, "w") as f:
+            json.dump(study_record(study, args, slices, old), f, indent=2)
     subprocess.run([study.python, os.path.join(ROOT, "report.py"), study.out], cwd=ROOT)
 
 
