@@ -225,6 +225,14 @@ def paired(diffs):
     return t, abs(t) > critical(len(diffs))
 
 
+def confidence(diffs):
+    """Half the width of the 95% confidence interval of the mean of paired differences (Student's t); None for one.
+    It excludes 0 exactly when paired() calls the difference beyond the seed spread."""
+    if len(diffs) < 2:
+        return None
+    return critical(len(diffs)) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+
+
 def sign_test(up, n):
     """Two-sided p of an exact sign test: the chance of a split at least as uneven as `up` of `n` under a fair coin."""
     if not n:
@@ -544,14 +552,6 @@ def legend(x, y, entries):
     for i, (mark, text) in enumerate(entries):
         parts.append(f'<g transform="translate({x},{y + 16 * i})">{mark}<text x="30" y="10">{text}</text></g>')
     return parts
-
-
-def confidence(diffs):
-    """Half the width of the 95% confidence interval of the mean of paired differences (Student's t); None for one.
-    It excludes 0 exactly when paired() calls the difference beyond the seed spread."""
-    if len(diffs) < 2:
-        return None
-    return critical(len(diffs)) * statistics.stdev(diffs) / math.sqrt(len(diffs))
 
 
 def figure(rows, refs, out, archs, seeds, path):

@@ -1,8 +1,9 @@
 """The GPU presets' own commands, run on the CPU (slow suite): what `bash run_all.sh fmnist|cifar10|imagenet` would run
 first on someone's GPU, resolved from the presets themselves (run_all.sh's DRY_RUN, as docs/presets.md is), with only
-the budget overridden: a few steps, a small subset, batch, queue and split-BN groups scaled down to what a CPU holds. Every other flag
-(small stem, symmetric loss, the strong augmentation, 224 px, split BN, image-file loading with workers, MoCo's linear
-protocol with crops and flips) runs as the preset gives it, for resnet18 and mobilenetv3_small. CIFAR-10 and the
+the budget overridden: a few steps, a small subset, batch, queue and split-BN groups scaled down to what a CPU
+holds. Every other flag (small stem, symmetric loss, the strong augmentation, 224 px, split BN, image-file loading
+with workers, MoCo's linear protocol with crops and flips) runs as the preset gives it, for resnet18 and
+mobilenetv3_small. CIFAR-10 and the
 ImageNet-style folder are generated in their real on-disk formats; fmnist reads Debian's Fashion-MNIST. A preset whose
 flags no longer fit the scripts fails here rather than in a GPU's first hour."""
 import json
