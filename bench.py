@@ -9,20 +9,30 @@ key forward, loss, SGD, queue update) for --warmup untimed and --steps timed ste
 - the `torchvision` worker pipeline's images/s on the same model (--workers processes) and the batched speed-up;
 - channels_last against the default memory format, bf16 and fp16 autocast (fp16 with its gradient scaler) against
   fp32 (on a CPU too: --amp auto is fp32 there, bf16 on CUDA), and on CUDA torch.compile against plain fp32;
+- on a CPU, the step and the query's forward-backward with models.SmallMapConv2d's oneDNN workaround against plain
+  nn.Conv2d (`workaround`, `q f+b`: how many times faster with it);
 - peak memory (CUDA: allocated; CPU: the resident size of a fresh process per architecture) and forward MACs.
+With --primitives, on a CPU, it also says where a step's time goes inside oneDNN, the library that runs PyTorch's
+convolutions there: the implementations that took the most time, each with its pass and shape, in milliseconds per
+step and as a share of the step. A `gemm` implementation among the convolutions is oneDNN's im2col fallback.
 
     python3 bench.py                                     # the five networks, 32 px, ImageNet stem, batch 256
     python3 bench.py --arch resnet18 --small-stem --batch-size 64 --json bench.json
+    python3 bench.py --arch resnet18 --img-size 28 --primitives 12 --no-compare    # where oneDNN spends a step
     python3 bench.py --aug-only --img-size 32 224        # the augmentation backends alone
 
 Nothing here is asserted by the tests: the figures are for reading and comparing.
 """
 import argparse
+import collections
+import ctypes
 import json
 import multiprocessing
 import os
 import resource
 import statistics
+import sys
+import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 
@@ -30,6 +40,7 @@ import torch
 from torch import nn
 
 import data
+import models
 import pretrain
 from evaluation import check_json_output, pick_device
 from models import ARCHS, STUDY, build_backbone
@@ -55,6 +66,9 @@ def get_args(argv=None):
     a("--workers", type=count(0, 256), default=os.cpu_count(), help="DataLoader workers of the torchvision backend")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     a("--no-compare", action="store_true", help="time the default configuration only (no backend or format ratios)")
+    a("--primitives", type=count(0, 1000), default=0, metavar="N",
+      help="CPU: the N oneDNN implementations (with pass and shape) that take the most time in a step, with "
+           "models.SmallMapConv2d's workaround and without it")
     a("--aug-only", action="store_true", help="time two-view augmentation alone")
     a("--batches", type=count(1, 10**6), default=5, help="--aug-only: timed batches per measurement")
     a("--json", default=None, help="write every figure to this file")
@@ -145,6 +159,80 @@ def true_fp32():
         conv.fp32_precision, matmul.fp32_precision = saved
 
 
+@contextmanager
+def onednn_workaround(on):
+    """models.SmallMapConv2d's workaround on or off inside the block."""
+    saved, models.ONEDNN_WORKAROUND = models.ONEDNN_WORKAROUND, on
+    try:
+        yield
+    finally:
+        models.ONEDNN_WORKAROUND = saved
+
+
+@contextmanager
+def onednn_verbose(log):
+    """oneDNN's verbose lines (one per primitive executed, with its time) written to the file `log` inside the
+    block: oneDNN prints them on the C library's stdout, so file descriptor 1 points at `log` meanwhile."""
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    libc.fflush(None)
+    saved = os.dup(1)
+    os.dup2(log.fileno(), 1)
+    try:
+        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+            yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def primitive_table(lines, steps, step_s, top):
+    """The `top` oneDNN (primitive, implementation, pass, shape) rows by time, from its verbose `lines` over
+    `steps` steps of `step_s` seconds each: [{primitive, implementation, pass, shape, calls, ms, share}], per step."""
+    ms, calls = collections.Counter(), collections.Counter()
+    for line in lines:
+        fields = line.strip().split(",")
+        # onednn_verbose,v1,primitive,exec,cpu,<primitive>,<implementation>,<pass>,<memory>,<attributes>,<aux>,
+        # <shape>,<milliseconds>
+        if len(fields) < 13 or fields[:4] != ["onednn_verbose", "v1", "primitive", "exec"]:
+            continue
+        key = (fields[5], fields[6], fields[7], fields[-2])
+        ms[key] += float(fields[-1]) / steps
+        calls[key] += 1
+    rows = [{"primitive": p, "implementation": impl, "pass": prop, "shape": shape, "calls": calls[k] // steps,
+             "ms": t, "share": t / (1e3 * step_s)} for k, t in ms.most_common(top) for p, impl, prop, shape in [k]]
+    return rows, sum(ms.values())
+
+
+def profile_primitives(train, targs, device, args, workaround):
+    """Where args.steps training steps spend their time inside oneDNN (after args.warmup untimed ones): the
+    primitive_table of the step as pretrain.py runs it, with models.SmallMapConv2d's workaround or without it."""
+    raw, optimizer, scaler, autocast = pretrain.build(targs, device)
+    fmt = torch.channels_last if targs.channels_last else torch.contiguous_format
+    raw.to(device, memory_format=fmt)
+    order = torch.randint(len(train), (args.warmup + args.steps, targs.batch_size),
+                          generator=torch.Generator().manual_seed(0))
+    batches = data.view_batches(train, targs.aug, targs.img_size, order, device, backend="batched",
+                                gen=torch.Generator(device=device).manual_seed(0), workers=args.workers)
+    step = lambda x1, x2: pretrain.train_step(raw, x1.contiguous(memory_format=fmt),  # noqa: E731
+                                              x2.contiguous(memory_format=fmt), optimizer, scaler, autocast, targs,
+                                              targs.moco_m, targs.smooth)
+    with onednn_workaround(workaround), tempfile.TemporaryFile("w+") as log:
+        for _ in range(args.warmup):
+            step(*next(batches)[:2])
+        seconds = 0.0
+        for _ in range(args.steps):
+            x1, x2, _ = next(batches)
+            with onednn_verbose(log):
+                start = time.perf_counter()
+                step(x1, x2)
+                seconds += time.perf_counter() - start
+        log.seek(0)
+        rows, onednn_ms = primitive_table(log, args.steps, seconds / args.steps, args.primitives)
+    return {"step_ms": 1e3 * seconds / args.steps, "onednn_ms": onednn_ms, "workaround": workaround, "rows": rows}
+
+
 def run_steps(train, targs, device, args, backend, parts=False):
     """Median seconds per phase over args.steps timed steps of pretrain.train_step, after args.warmup untimed ones.
     With parts=True each step is followed, on the same batch, by the query encoder's forward-backward alone and by
@@ -215,6 +303,13 @@ def bench_arch(args, arch, img_size, device):
             with true_fp32() if name == "fp32" else nullcontext():
                 phases = run_steps(train, argparse.Namespace(**{**vars(targs), **changes}), device, args, backend)[0]
             row[f"{name}_images_per_s"] = args.batch_size / (phases["augment"] + phases["step"])
+        if device.type == "cpu":  # the same step with plain nn.Conv2d, and its query forward-backward
+            with onednn_workaround(False):
+                phases = run_steps(train, targs, device, args, "batched", parts=True)[0]
+            row["plain_conv_images_per_s"] = args.batch_size / (phases["augment"] + phases["step"])
+            row["plain_conv_query_fwd_bwd_ms"] = 1e3 * phases["query_fwd_bwd"]
+            row["workaround_speedup"] = row["images_per_s"] / row["plain_conv_images_per_s"]
+            row["workaround_query_speedup"] = row["plain_conv_query_fwd_bwd_ms"] / row["query_fwd_bwd_ms"]
         row[f"{'bf16' if device.type == 'cuda' else 'fp32'}_images_per_s"] = row["images_per_s"]
         row["batched_over_torchvision"] = row["images_per_s"] / row["torchvision_images_per_s"]
         row["channels_last_speedup"] = row["images_per_s"] / row["default_format_images_per_s"]
@@ -224,6 +319,8 @@ def bench_arch(args, arch, img_size, device):
             row["compile_over_fp32"] = row["bf16_compile_images_per_s"] / row["fp32_images_per_s"]
     if device.type != "cuda":
         row["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.primitives and device.type == "cpu":
+        row["primitives"] = [profile_primitives(train, targs, device, args, on) for on in (False, True)]
     return row
 
 
@@ -261,14 +358,28 @@ def print_table(rows):
             ("rest_ms", "{:>8.1f}", "rest ms"), ("moco_overhead", "{:>8.0%}", "MoCo +"),
             ("torchvision_images_per_s", "{:>8.0f}", "tv img/s"), ("batched_over_torchvision", "{:>7.2f}x", "batched"),
             ("channels_last_speedup", "{:>7.2f}x", "ch_last"), ("bf16_over_fp32", "{:>7.2f}x", "bf16"),
-            ("fp16_over_fp32", "{:>7.2f}x", "fp16"),
-            ("compile_over_fp32", "{:>7.2f}x", "compile"), ("peak_memory_mb", "{:>8.0f}", "peak MB"),
+            ("fp16_over_fp32", "{:>7.2f}x", "fp16"), ("compile_over_fp32", "{:>7.2f}x", "compile"),
+            ("plain_conv_images_per_s", "{:>8.0f}", "nn img/s"), ("workaround_speedup", "{:>8.2f}x", "workarnd"),
+            ("workaround_query_speedup", "{:>7.2f}x", "q f+b"), ("peak_memory_mb", "{:>8.0f}", "peak MB"),
             ("forward_mmacs", "{:>8.1f}", "MMACs")]
     cols = [c for c in cols if any(c[0] in r for r in rows)]
     print("  ".join(f"{title:>{len(fmt.format(0)) if key != 'arch' else 18}}" if key != "arch" else f"{title:<18}"
                     for key, fmt, title in cols))
     for r in rows:
         print("  ".join(fmt.format(r[key]) if key in r else " " * len(fmt.format(0)) for key, fmt, _ in cols))
+    for r in rows:
+        for profile in r.get("primitives", []):
+            print_primitives(r, profile)
+
+
+def print_primitives(row, p):
+    print(f"\n{row['arch']} at {row['img_size']} px, {'with' if p['workaround'] else 'without'} the oneDNN "
+          f"workaround: a step of {p['step_ms']:.0f} ms under oneDNN's verbose mode, {p['onednn_ms']:.0f} ms of it "
+          f"in oneDNN ({p['onednn_ms'] / p['step_ms']:.0%}); the {len(p['rows'])} implementations taking the most:")
+    print(f"{'ms/step':>8} {'share':>6} {'calls':>5}  {'primitive':<12} {'implementation':<44} {'pass':<17} shape")
+    for r in p["rows"]:
+        print(f"{r['ms']:>8.1f} {r['share']:>6.1%} {r['calls']:>5}  {r['primitive']:<12} {r['implementation']:<44} "
+              f"{r['pass']:<17} {r['shape']}")
 
 
 # --- augmentation alone (--aug-only) ---

@@ -5,12 +5,13 @@ reading a checkpoint's encoders; the backbones. Every architecture is written ou
 can be read against its paper. A backbone maps images [B, 3, H, W] to pooled features [B, d]. Its parameter and
 buffer names equal those of torchvision's reference model minus the final classification Linear, so weights move
 both ways. small_stem=True removes the first two downsamplings (total stride 8 instead of 32) for 28-32 px images;
-ResNet loses the 7x7 conv and the max-pool, MobileNetV3 / EfficientNet only change strides.
+ResNet loses the 7x7 conv and the max-pool, MobileNetV3 / EfficientNet only change strides. Last, SmallMapConv2d: a
+workaround for a slow path of oneDNN, the CPU's convolution library, that every backbone's padded convolutions use.
 """
 import copy
 import os
 from collections import OrderedDict
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.distributed as dist
@@ -492,10 +493,14 @@ STUDY = ("resnet18", "resnet34", "mobilenetv3_large", "mobilenetv3_small", "effi
 
 
 def build_backbone(name, small_stem=False):
-    """(module mapping [B, 3, H, W] to pooled features [B, d], d), initialised as torchvision initialises it."""
+    """(module mapping [B, 3, H, W] to pooled features [B, d], d), initialised as torchvision initialises it, its
+    padded convolutions SmallMapConv2d (the same parameters; faster on a CPU, see there)."""
     if name not in BACKBONES:
         raise SystemExit(f"unknown architecture '{name}'; choose one of: {', '.join(ARCHS)}")
     model, dim = BACKBONES[name](small_stem=small_stem)
+    for m in model.modules():
+        if type(m) is nn.Conv2d and m.padding != (0, 0):
+            m.__class__ = SmallMapConv2d  # in place: no new parameters, no random numbers drawn
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -508,3 +513,70 @@ def build_backbone(name, small_stem=False):
             nn.init.normal_(m.weight, 0, 0.01)
             nn.init.zeros_(m.bias)
     return model, dim
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A workaround for one library path: oneDNN's im2col fallback for padded convolutions on small maps (CPU only)
+# ---------------------------------------------------------------------------------------------------------------
+
+# On a CPU, PyTorch's convolutions run in oneDNN. Its direct kernels refuse padding wider than they can unroll (oneDNN
+# issue 742), which is what the last stages of every network here meet at small inputs: a 3x3 kernel on a 1x1 map, a
+# 5x5 depthwise kernel on a 2x2 map. Those convolutions, and above all their weight gradients, then fall back to an
+# im2col gemm that runs at a few GFLOPS: half of an AVX2 machine's training step at the demo's 28 px, and the
+# depthwise ones on 1x1 maps even with AVX-512 (docs/performance.md has the tables, `bench.py --primitives` shows it
+# on any machine). SmallMapConv2d gives oneDNN the same convolution in a form its direct kernels take.
+ONEDNN_WORKAROUND = True  # False: every convolution as nn.Conv2d runs it (bench.py times both)
+
+
+@cache
+def x86_isa():
+    """'avx512' or 'avx2' as oneDNN's kernels see this x86 CPU (ONEDNN_MAX_CPU_ISA or DNNL_MAX_CPU_ISA, which cap
+    oneDNN, are honoured), None on other CPUs: the workaround was measured on x86 alone."""
+    capability = torch.backends.cpu.get_cpu_capability()  # ATen's: DEFAULT, AVX2, AVX512, or another family's
+    if capability not in ("AVX2", "AVX512"):
+        return None
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    below_avx512 = cap.startswith(("SSE", "AVX2", "AVX_")) or cap == "AVX"
+    return "avx512" if capability == "AVX512" and not below_avx512 else "avx2"
+
+
+@cache
+def live_taps(size, kernel, stride, padding):
+    """(first, stop, lead, trail) along one spatial axis: kernel taps first..stop-1 are those that touch a real pixel
+    at some output position (the others only ever multiply padding); with those taps alone, the same outputs need
+    `lead` zeros before the input and `trail` after it (trail None: `lead` on both sides gives them, as F.conv2d
+    pads)."""
+    out = (size + 2 * padding - kernel) // stride + 1
+    live = [i for i in range(kernel) if any(0 <= o * stride - padding + i < size for o in range(out))]
+    first, stop = live[0], live[-1] + 1
+    lead = padding - first
+    if (size + 2 * lead - (stop - first)) // stride + 1 == out:
+        return first, stop, lead, None
+    return first, stop, lead, (out - 1) * stride - lead + stop - first - size
+
+
+class SmallMapConv2d(nn.Conv2d):
+    """nn.Conv2d with the same parameters, state dict and result, computed on a CPU in a form that keeps oneDNN off
+    its slow fallback. Both steps are exact: they leave out only multiplications by padding zeros.
+    1. Live taps (x86): the weight is sliced to the taps that can touch a real pixel, the padding reduced to match
+       (a 3x3 kernel on a 1x1 map becomes its centre tap, a 1x1 convolution). The dropped taps received zero
+       gradient before as well.
+    2. Explicit zeros (x86 without AVX-512): a depthwise convolution whose padding is at least half its map gets
+       its padding as zeros in the input (F.pad) and runs unpadded, which oneDNN's AVX2 kernels accept. AVX-512's
+       depthwise kernels are faster with the padding left to them.
+    Off x86 CPUs, on GPUs and with ONEDNN_WORKAROUND False it is nn.Conv2d."""
+
+    def forward(self, x):
+        isa = x86_isa() if x.device.type == "cpu" and ONEDNN_WORKAROUND else None
+        if isa is None or self.padding_mode != "zeros" or self.dilation != (1, 1) or x.dim() != 4:
+            return super().forward(x)
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        h0, h1, top, bottom = live_taps(x.shape[2], kh, sh, ph)
+        w0, w1, left, right = live_taps(x.shape[3], kw, sw, pw)
+        weight = self.weight if (h1 - h0, w1 - w0) == (kh, kw) else self.weight[:, :, h0:h1, w0:w1]
+        depthwise = self.groups == self.in_channels > 1
+        explicit = isa == "avx2" and depthwise and 2 * max(top, left) >= min(x.shape[2:])
+        if explicit or bottom is not None or right is not None:  # the zeros in the input, each side its own
+            bottom, right = (top if bottom is None else bottom), (left if right is None else right)
+            x, top, left = F.pad(x, (left, right, top, bottom)), 0, 0
+        return F.conv2d(x, weight, self.bias, self.stride, (top, left), 1, self.groups)

@@ -19,12 +19,23 @@ def test_forward_macs_match_the_published_counts(arch, macs):
 def test_the_benchmark_times_a_real_step_and_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     bench.main(CPU + ["--arch", "mobilenetv3_small", "--batch-size", "16", "--moco-k", "64", "--warmup", "1",
-                      "--steps", "1", "--workers", "0", "--json", str(out)])
+                      "--steps", "1", "--workers", "0", "--primitives", "6", "--json", str(out)])
     (row,) = json.loads(out.read_text())
     for key in ("images_per_s", "step_ms", "augment_ms", "query_fwd_bwd_ms", "torchvision_images_per_s",
                 "batched_over_torchvision", "channels_last_speedup", "peak_memory_mb", "forward_mmacs",
-                "fp32_images_per_s", "bf16_images_per_s", "bf16_over_fp32", "fp16_images_per_s", "fp16_over_fp32"):
+                "fp32_images_per_s", "bf16_images_per_s", "bf16_over_fp32", "fp16_images_per_s", "fp16_over_fp32",
+                "plain_conv_images_per_s", "plain_conv_query_fwd_bwd_ms", "workaround_speedup",
+                "workaround_query_speedup"):
         assert row[key] > 0, key
+    plain_query_ms = row["plain_conv_query_fwd_bwd_ms"]
+    assert row["workaround_query_speedup"] == pytest.approx(plain_query_ms / row["query_fwd_bwd_ms"])
+    # --primitives: where a step's oneDNN time goes, without the workaround and with it, read from oneDNN itself
+    assert [p["workaround"] for p in row["primitives"]] == [False, True]
+    for profile in row["primitives"]:
+        assert 0 < profile["onednn_ms"] < profile["step_ms"] and len(profile["rows"]) == 6
+        assert [r["ms"] for r in profile["rows"]] == sorted((r["ms"] for r in profile["rows"]), reverse=True)
+        assert all(r["calls"] >= 1 and 0 < r["share"] < 1 for r in profile["rows"])
+        assert any(r["primitive"] == "convolution" and "backward_weights" == r["pass"] for r in profile["rows"])
     # on a CPU the default (--amp auto) is fp32; bf16 and fp16 autocast are timed beside it
     assert row["fp32_images_per_s"] == row["images_per_s"]
     assert row["bf16_over_fp32"] == pytest.approx(row["bf16_images_per_s"] / row["images_per_s"])
@@ -70,3 +81,21 @@ def test_fp32_means_fp32_and_the_settings_come_back():
     with bench.true_fp32():
         assert torch.backends.cudnn.conv.fp32_precision == torch.backends.cuda.matmul.fp32_precision == "ieee"
     assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == before
+
+
+def test_the_primitive_table_sums_onednns_own_lines_per_step():
+    """Two steps of verbose lines (oneDNN v3's layout) against a hand count: times summed per implementation, pass
+    and shape, divided by the steps; other lines (info, creation, a graph, Python's prints) left out."""
+    conv = "onednn_verbose,v1,primitive,exec,cpu,convolution,{},{},src:f32 dst:f32,,alg:convolution_direct,{},{}"
+    lines = ["onednn_verbose,v1,info,oneDNN v3.12.0", "a line printed by Python",
+             "onednn_verbose,v1,primitive,create:cache_miss,cpu,convolution,jit:avx2,forward_training,,,,mb2,0.5"]
+    for _ in range(2):
+        lines += [conv.format("x64:gemm:jit", "backward_weights", "mb128_ic512oc512_ih1kh3ph1", 30.0),
+                  conv.format("x64:gemm:jit", "backward_weights", "mb128_ic512oc512_ih1kh3ph1", 20.0),
+                  conv.format("jit:avx2", "forward_training", "mb128_ic512oc512_ih1kh3ph1", 4.0),
+                  "onednn_verbose,v1,primitive,exec,cpu,reorder,jit:uni,undef,src:f32 dst:f32,,,512x512x3x3,1.0"]
+    rows, onednn_ms = bench.primitive_table(lines, steps=2, step_s=0.1, top=2)
+    assert onednn_ms == pytest.approx(55.0)
+    assert [(r["implementation"], r["pass"], r["calls"], r["ms"], r["share"]) for r in rows] == [
+        ("x64:gemm:jit", "backward_weights", 2, pytest.approx(50.0), pytest.approx(0.5)),
+        ("jit:avx2", "forward_training", 1, pytest.approx(4.0), pytest.approx(0.04))]

@@ -6,7 +6,8 @@ import torch
 import torchvision
 from torch import nn
 
-from models import ARCHS, InvertedResidual, MoCo, build_backbone, build_head, load_pretrained
+import models
+from models import ARCHS, STUDY, InvertedResidual, MoCo, SmallMapConv2d, build_backbone, build_head, load_pretrained
 
 # torchvision's models: backbone parameters (ImageNet stem, small stem), parameters with the 1000-class Linear, and d.
 PARAMS = {
@@ -168,6 +169,118 @@ def test_moco_pretrains_efficientnet_without_stochastic_depth():
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():  # in training mode (batch BN statistics) the query encoder is deterministic: no drops
         torch.testing.assert_close(moco.encoder_q(x), moco.encoder_q(x), atol=0, rtol=0)
+
+
+
+@functools.cache
+def convolution_shapes():
+    """Every padded convolution of the five study networks as it meets its input at 28, 32 and 224 px, ImageNet and
+    small stem: {(in, out, kernel, stride, padding, groups, height, width)}, traced on the meta device (shapes only)."""
+    shapes = set()
+
+    def record(conv, inputs, output):
+        shapes.add((conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.padding[0],
+                    conv.groups, *inputs[0].shape[2:]))
+
+    for name in STUDY:
+        for small_stem in (False, True):
+            model = build_backbone(name, small_stem)[0].to("meta").eval()
+            for conv in model.modules():
+                if isinstance(conv, SmallMapConv2d):
+                    conv.register_forward_hook(record)
+            for size in (28, 32, 224):
+                model(torch.empty(1, 3, size, size, device="meta"))
+    return sorted(shapes)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_small_map_conv_equals_conv2d_on_every_shape_of_the_networks(isa, monkeypatch):
+    """The oneDNN workaround computes what nn.Conv2d computes, output and both gradients, for every padded
+    convolution the study networks run (each shape it changes at batch 2, channels_last as the runs use it), under
+    the rules of both kinds of x86 CPU; the taps it drops get an exact zero gradient either way. The shapes it leaves
+    alone are shown to reach F.conv2d with the module's own weight and padding."""
+    monkeypatch.setattr(models, "x86_isa", lambda: isa)
+    changed = {"live taps": 0, "explicit zeros": 0}
+    # and three maps that are not square, where the two axes keep different taps
+    odd = [(16, 32, 3, 1, 1, 1, 1, 3), (16, 16, 5, 1, 2, 16, 2, 5), (16, 16, 5, 2, 2, 16, 4, 1)]
+    for cin, cout, kernel, stride, padding, groups, height, width in convolution_shapes() + odd:
+        first, stop, lead, trail = models.live_taps(min(height, width), kernel, stride, padding)
+        explicit = isa == "avx2" and 1 < groups == cin and 2 * lead >= min(height, width)
+        changed["live taps"] += stop - first < kernel
+        changed["explicit zeros"] += explicit
+        if not explicit and stop - first == kernel:  # neither step: F.conv2d with the module's own weight and padding
+            assert (first, lead, trail) == (0, padding, None)
+            continue
+        torch.manual_seed(0)
+        conv = SmallMapConv2d(cin, cout, kernel, stride, padding, groups=groups, bias=False)
+        x = torch.randn(2, cin, height, width).contiguous(memory_format=torch.channels_last).requires_grad_()
+        out = conv(x)
+        grad = torch.randn_like(out)
+        weight_grad, input_grad = torch.autograd.grad(out, (conv.weight, x), grad)
+        expected = torch.nn.functional.conv2d(x, conv.weight, None, stride, padding, 1, groups)
+        expected_weight_grad, expected_input_grad = torch.autograd.grad(expected, (conv.weight, x), grad)
+        shape = f"in {cin} out {cout} kernel {kernel} stride {stride} groups {groups} on {height}x{width}"
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(out, expected, atol=1e-5 * scale, rtol=1e-5, msg=shape)
+        torch.testing.assert_close(input_grad, expected_input_grad, rtol=1e-5,
+                                   atol=1e-5 * expected_input_grad.abs().max().item(), msg=shape)
+        torch.testing.assert_close(weight_grad, expected_weight_grad, rtol=1e-5,
+                                   atol=1e-5 * expected_weight_grad.abs().max().item(), msg=shape)
+        dead = torch.ones(kernel, kernel, dtype=torch.bool)
+        rows, columns = (models.live_taps(size, kernel, stride, padding)[:2] for size in (height, width))
+        dead[slice(*rows), slice(*columns)] = False
+        assert torch.equal(weight_grad[:, :, dead], torch.zeros_like(weight_grad[:, :, dead])), shape
+        assert torch.equal(expected_weight_grad[:, :, dead], weight_grad[:, :, dead]), shape
+    # the test means something: both steps met real shapes of the networks (layer4 on 1x1 maps, 5x5 depthwise on 2x2)
+    assert changed["live taps"] >= 10 and (changed["explicit zeros"] >= 10) == (isa == "avx2"), changed
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("name", STUDY)
+def test_the_workaround_leaves_a_training_step_as_it_was(name, isa, monkeypatch):
+    """A whole backbone at the demo's 28 px, in training mode (batch BN statistics), with and without the workaround:
+    the same features and the same gradient for every parameter, within fp32 rounding."""
+    monkeypatch.setattr(models, "x86_isa", lambda: isa)
+    torch.manual_seed(0)
+    model = build_backbone(name)[0].to(memory_format=torch.channels_last).train()
+    x = torch.randn(8, 3, 28, 28).contiguous(memory_format=torch.channels_last)
+    results = []
+    for workaround in (False, True):
+        monkeypatch.setattr(models, "ONEDNN_WORKAROUND", workaround)
+        torch.manual_seed(1)  # the same stochastic-depth draws (EfficientNet) in both
+        features = model(x)
+        grads = torch.autograd.grad(features.square().mean(), list(model.parameters()))
+        results.append((features, grads))
+    (features, grads), (features_w, grads_w) = results
+    torch.testing.assert_close(features_w, features, atol=1e-5 * features.abs().max().item(), rtol=1e-5)
+    # BN biases followed by another BN have a gradient of 0 up to rounding: the scale is the largest gradient's
+    largest = max(g.abs().max().item() for g in grads)
+    for (key, _), g, g_w in zip(model.named_parameters(), grads, grads_w):
+        torch.testing.assert_close(g_w, g, atol=1e-5 * largest, rtol=1e-4, msg=key)
+
+
+def test_the_workaround_follows_onednns_isa_cap(monkeypatch):
+    """The rules follow the kernels oneDNN runs: ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA) below AVX-512 means AVX2
+    rules on an AVX-512 CPU; CPUs other than x86 keep nn.Conv2d; a GPU never takes the workaround."""
+    for capability, cap, expected in (("AVX512", None, "avx512"), ("AVX512", "AVX2", "avx2"),
+                                      ("AVX512", "avx512_core_bf16", "avx512"), ("AVX2", None, "avx2"),
+                                      ("AVX512", "SSE41", "avx2"), ("DEFAULT", None, None), ("SVE256", None, None)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+        if cap is None:
+            monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        else:
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        models.x86_isa.cache_clear()
+        assert models.x86_isa() == expected, (capability, cap)
+    models.x86_isa.cache_clear()
+    monkeypatch.undo()
+    models.x86_isa.cache_clear()
+    conv = SmallMapConv2d(8, 8, 3, padding=1, bias=False)
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, "pad", lambda *a, **k: calls.append(a))
+    meta = conv.to("meta")(torch.empty(2, 8, 1, 1, device="meta"))  # not a CPU: nn.Conv2d's forward, 3x3 weight
+    assert meta.shape == (2, 8, 1, 1) and calls == []
 
 
 def test_unknown_architecture_lists_the_valid_names():
