@@ -31,7 +31,7 @@ for split in ("train", "val"):
     os.makedirs(f"{root}/{split}/a")
     Image.new("RGB", (8, 8)).save(f"{root}/{split}/a/x.png")
 PYTHON
-for preset in demo fmnist cifar10 imagenet smoke; do
+for preset in demo demo24 fmnist cifar10 imagenet smoke; do
   printf '\n## %s\n\n```\n' "$preset"
   data_dir=""; [[ $preset == @(cifar10|imagenet) ]] && data_dir=$fake
   CUDA_VISIBLE_DEVICES= DRY_RUN=1 COST=0 ARCHS=resnet18 SEEDS=1 JOBS=1 STUDY_DIR=. DATA_DIR=$data_dir \
