@@ -323,7 +323,7 @@ def test_the_presets_page_is_current_and_no_command_gives_a_flag_twice():
     page = proc.stdout.replace(sys.executable, ".venv/bin/python")
     assert page == open(os.path.join(ROOT, "docs", "presets.md")).read(), "run: bash tools/presets.sh > docs/presets.md"
     sections = page.split("\n## ")[1:]
-    assert [s.split("\n")[0] for s in sections] == ["demo", "fmnist", "cifar10", "imagenet", "smoke"]
+    assert [s.split("\n")[0] for s in sections] == ["demo", "demo24", "fmnist", "cifar10", "imagenet", "smoke"]
     for section in sections:
         commands = [shlex.split(line) for line in section.splitlines() if line.startswith(".venv/bin/python")]
         assert len(commands) == 2 * 3 + 2 + 1  # two runs of three stages, two references, raw pixels
