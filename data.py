@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import re
+import shlex
 import shutil
 import struct
 import sys
@@ -26,13 +27,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 DATASETS = ("fashionmnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
-AUGS = ("mocov2", "strong", "small")  # pretraining presets; the aug functions also accept "linear"
+AUGS = ("mocov2", "strong", "small")  # the pretraining augmentations; the aug functions also accept "linear"
 
-# Every preset also flips horizontally with p 0.5 and crops with aspect ratios in RATIO. Colour jitter (b, c, s, h)
+# Every augmentation also flips horizontally with p 0.5 and crops with aspect ratios in RATIO. Colour jitter (b, c, s, h)
 # draws brightness, contrast and saturation factors in [1 - b, 1 + b] etc. and a hue shift in [-h, h], applying the
 # four ops in a random order (torchvision's ColorJitter); then greyscale, then Gaussian blur with sigma in BLUR_SIGMA.
 Aug = namedtuple("Aug", "scale jitter p_jitter p_grey p_blur")
-PRESETS = {
+AUGMENTATIONS = {
     #             crop scale     jitter (b, c, s, h)     p_jitter p_grey p_blur
     "mocov2": Aug((0.2, 1.0), (0.4, 0.4, 0.4, 0.1), 0.8, 0.2, 0.5),
     "strong": Aug((0.2, 1.0), (0.8, 0.8, 0.8, 0.4), 0.8, 0.5, 0.5),  # AAAI'22 small-model recipe
@@ -58,6 +59,7 @@ FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's datas
 # The ImageNet stem has a total stride of 32: at 16 px its last stage already works on 1x1 maps (resnet18:
 # 16 -> 8 -> 4 -> 2 -> 1 -> 1), and below that ever more of the network sees only padding.
 MIN_IMG_SIZE = 16
+PROJECT = os.path.dirname(os.path.abspath(__file__))
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -82,6 +84,64 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
     def _fill_text(self, text, width, indent):
         return super()._fill_text(text.replace("python3 ", interpreter() + " "), width, indent)
+
+
+class FlagParser(argparse.ArgumentParser):
+    """The scripts' parser: --help as HelpFormatter shows it; @FILE arguments read as flag files (shell words, # starts
+    a comment, an @FILE inside one read in its place, relative to the repository: the presets and recipes); and the
+    flags it defines kept in order (self.flags), so that command_line can write a command out resolved."""
+
+    def __init__(self, description):
+        self.flags = []  # before argparse's own __init__, which adds --help
+        super().__init__(description=description, formatter_class=HelpFormatter, fromfile_prefix_chars="@")
+
+    def convert_arg_line_to_args(self, line):
+        return [f"@{os.path.join(PROJECT, w[1:])}" if w.startswith("@") else w for w in shlex.split(line, comments=True)]
+
+    def add_argument(self, *args, **kwargs):
+        return self.kept(super().add_argument(*args, **kwargs))
+
+    def add_mutually_exclusive_group(self, **kwargs):
+        group = super().add_mutually_exclusive_group(**kwargs)
+        add = group.add_argument
+        group.add_argument = lambda *args, **kw: self.kept(add(*args, **kw))
+        return group
+
+    def kept(self, action):
+        if action.option_strings:
+            self.flags.append(action)
+        return action
+
+
+def given_flags(parser, argv=None):
+    """The destinations of the flags on the command line: argparse fills in a default only where the namespace lacks
+    the attribute, so parsing into one whose every attribute is a marker leaves the marker exactly where no flag was
+    given."""
+    unset = object()
+    parsed = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(parser.parse_args(argv)), unset)))
+    return {key for key, value in vars(parsed).items() if value is not unset}
+
+
+def command_line(parser, argv):
+    """The flags argv gives, as `parser` (a FlagParser) reads them (@FILEs read, a flag given twice taken where it was
+    given last), written out once each in the parser's order: the command resolved."""
+    args, given = parser.parse_args(argv), given_flags(parser, argv)
+    words = []
+    for action in parser.flags:
+        if action.dest not in given:
+            continue
+        value = getattr(args, action.dest)
+        if action.nargs == 0:  # store_true and its kind
+            words += [action.option_strings[0]] if value == action.const else []
+        else:
+            words += [action.option_strings[0], *map(flag_text, value if isinstance(value, list) else [value])]
+    return words
+
+
+def flag_text(value):
+    """A flag's value as a command line gives it: a whole float without its '.0' (--warmup-epochs 5), any other as
+    Python writes it (exact: it reads back as the same number)."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 def int_flag(low, high):
@@ -164,14 +224,28 @@ def load_data(name, split, data_dir=None, subset=None, seed=0):
     return take_subset(data, subset, seed) if subset else data
 
 
-def take_subset(data, subset, seed):
-    """"N": the first N images; "N/class": N images per class (all of a smaller class), drawn with seed and kept in
-    data-set order. Unlabeled images (label -1) count as one class."""
+def subset_spec(subset):
+    """(N, per class?) of a --subset value, "N" or "N/class"."""
     match = re.fullmatch(r"(\d+)(/class)?", str(subset))
     if not match or int(match[1]) == 0:
         raise SystemExit(f"--subset {subset!r} is neither N nor N/class with N > 0: use e.g. 1000 or 100/class.")
-    n = int(match[1])
-    if match[2] is None:
+    return int(match[1]), match[2] is not None
+
+
+def subset_size(subset, total, num_classes):
+    """The images a --subset keeps of `total` images in `num_classes` classes (at most: a smaller class gives
+    fewer); all `total` without one."""
+    if not subset:
+        return total
+    n, per_class = subset_spec(subset)
+    return min(total, n * num_classes if per_class else n)
+
+
+def take_subset(data, subset, seed):
+    """"N": the first N images; "N/class": N images per class (all of a smaller class), drawn with seed and kept in
+    data-set order. Unlabeled images (label -1) count as one class."""
+    n, per_class = subset_spec(subset)
+    if not per_class:
         keep = torch.arange(min(n, len(data)))
         short = n > len(data)
     else:
@@ -400,10 +474,10 @@ def synthetic_data(split, n=None, num_classes=10, size=32):
 
 # --- torchvision backend: per-image transforms on PIL images ---
 
-def preset(aug):
-    if aug not in PRESETS:
-        raise SystemExit(f"unknown augmentation {aug!r}: choose one of {', '.join(PRESETS)}.")
-    return PRESETS[aug]
+def augmentation(aug):
+    if aug not in AUGMENTATIONS:
+        raise SystemExit(f"unknown augmentation {aug!r}: choose one of {', '.join(AUGMENTATIONS)}.")
+    return AUGMENTATIONS[aug]
 
 
 def blur_kernel_size(img_size):
@@ -414,7 +488,7 @@ def blur_kernel_size(img_size):
 def view_transform(aug, img_size, mean, std):
     """One random view: PIL image -> normalised float tensor [3, img_size, img_size]."""
     from torchvision import transforms as T  # imported where used, as in download()
-    a = preset(aug)
+    a = augmentation(aug)
     steps = [T.RandomResizedCrop(img_size, scale=a.scale, ratio=RATIO)]
     if a.jitter:
         steps.append(T.RandomApply([T.ColorJitter(*a.jitter)], p=a.p_jitter))
@@ -458,31 +532,19 @@ def exit_on_unreadable_image(main):
         raise SystemExit(str(e).strip().splitlines()[-1].split("UnreadableImage: ", 1)[-1]) from None
 
 
-class TwoViewDataset(torch.utils.data.Dataset):
-    """(view1, view2, label): two independent draws of `transform` on one image."""
+class ViewDataset(torch.utils.data.Dataset):
+    """(view, ..., label): `views` independent draws of `transform` on one image; one view for evaluation
+    (eval_transform) or linear evaluation's training crops, two for pretraining."""
 
-    def __init__(self, data, transform):
-        self.data, self.transform = data, transform
+    def __init__(self, data, transform, views=1):
+        self.data, self.transform, self.views = data, transform, views
 
     def __len__(self):
         return len(self.data)
 
     def __getitem__(self, i):
         img = pil_image(self.data, i)
-        return self.transform(img), self.transform(img), self.data.labels[i]
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """(transform(image), label): one view per image, e.g. eval_transform or linear evaluation's training crops."""
-
-    def __init__(self, data, transform):
-        self.data, self.transform = data, transform
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        return self.transform(pil_image(self.data, i)), self.data.labels[i]
+        return (*(self.transform(img) for _ in range(self.views)), self.data.labels[i])
 
 
 # --- batched backend: the same distribution, per-sample parameters, whole batches on their device ---
@@ -590,7 +652,7 @@ class BatchedAugment:
     three). Randomness comes only from the generator passed, so views are reproducible for a seed."""
 
     def __init__(self, aug, img_size, mean, std):
-        self.aug = preset(aug)
+        self.aug = augmentation(aug)
         self.img_size = img_size
         self.kernel_size = blur_kernel_size(img_size)
         self.mean, self.std = mean, std
@@ -685,7 +747,7 @@ def view_batches(data, aug, img_size, order, device, views=2, backend="auto", ge
             yield (*[augment(x, gen) for _ in range(views)], labels[idx])
         return
     transform = view_transform(aug, img_size, data.mean, data.std)
-    dataset = TwoViewDataset(data, transform) if views == 2 else ImageDataset(data, transform)
+    dataset = ViewDataset(data, transform, views)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=[idx.tolist() for idx in order], num_workers=workers,
                                          pin_memory=torch.device(device).type == "cuda", generator=loader_gen)
     for batch in loader:
@@ -717,7 +779,7 @@ class EvalLoader:
         self.data, self.img_size, self.batch_size, self.device = data, img_size, batch_size, torch.device(device)
         if data.images is None:
             self.loader = torch.utils.data.DataLoader(
-                ImageDataset(data, eval_transform(img_size, data.mean, data.std)), batch_size=batch_size,
+                ViewDataset(data, eval_transform(img_size, data.mean, data.std)), batch_size=batch_size,
                 num_workers=workers, pin_memory=self.device.type == "cuda")
 
     def __len__(self):

@@ -3,11 +3,14 @@ evaluate (a checkpoint's encoder, or an untrained one) and its flags, features u
 weighted kNN (Wu et al. 2018, InstDisc), the results files every script writes and the record of the machine each
 was made on.
 """
+import contextlib
 import datetime
+import fcntl
 import hashlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -22,6 +25,11 @@ from data import DATASETS, default_img_size, eval_loader
 
 
 # ----- the network to evaluate and its data ---------------------------------------------------------------------------
+
+# of the flags below, those that say where things are and how fast they run, not what is computed (each script's
+# RUN_CONTROL adds its own)
+MODEL_RUN_CONTROL = {"ckpt", "data_dir", "workers", "device"}
+
 
 def add_model_flags(p):
     a = p.add_argument
@@ -313,6 +321,87 @@ def writable_dir(folder, flag, output=None):
         raise SystemExit(f"{flag} {output or folder} cannot be written, as {parent} is not a writable directory: "
                          f"choose another {flag}.")
 
+
+
+# ----- one writer per folder ------------------------------------------------------------------------------------------
+
+LOCK = ".lock"  # the file a writer locks in the folder it writes (pretrain.py's --out, an evaluation's output folder)
+_held = {}  # the folders this process holds: {lock file: [open file, holders]}
+
+
+@contextlib.contextmanager
+def one_writer(folder, label=None, name=LOCK, what=None):
+    """Hold an exclusive lock on `folder` inside the block: a second writer, whichever script or machine it runs
+    on, stops at once, before it writes anything, with one sentence naming the holder and what to do. The lock is
+    the operating system's (flock on folder/NAME): it dies with its process however that ends, so a killed run
+    never leaves an obstacle behind. Local disks and NFS (Linux clients emulate flock with NFS locks) honour it
+    across processes and machines; where the filesystem has no locks (Lustre mounted without -o flock, some FUSE
+    mounts) the folder goes unguarded and one line says so. A process may hold one folder twice (nested)."""
+    path = os.path.join(folder, name)
+    if path in _held:  # this process holds it already
+        _held[path][1] += 1
+        try:
+            yield
+        finally:
+            _held[path][1] -= 1
+        return
+    new = not os.path.exists(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle = open(path, "a+")
+    except OSError:  # not a folder that can be written: the script's own checks say so in their words
+        yield
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        try:
+            h = json.loads(holder)
+            who = (f"process {h['pid']} on {h['host']} ({h['command']}) since {h['since']}: wait for it to end, or "
+                   f"stop it (on {h['host']}: kill {h['pid']})")
+        except (ValueError, KeyError):  # its holder has not written its name yet
+            who = "another process that is starting: wait for it to end, or stop it"
+        raise SystemExit(f"{label or folder} is being written by {who}; then run this again. Nothing was written."
+                         ) from None
+    except OSError as err:  # no locks on this filesystem
+        print(f"{label or folder}: its filesystem takes no locks ({err.strerror}), so a second writer would not be "
+              f"stopped: run one writer per folder.", file=sys.stderr)
+        handle.close()
+        yield
+        return
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"pid": os.getpid(), "host": platform.node(), "since": utc(time.time()),
+                             "command": what or shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:200]}))
+    handle.flush()
+    _held[path] = [handle, 1]
+    try:
+        yield
+    finally:
+        _held.pop(path)
+        with contextlib.suppress(OSError):  # the folder may have moved (a run from .staging/ into its place)
+            if new and os.listdir(folder) == [name]:  # refused at its start (a mistake): no folder is left behind
+                os.remove(path)
+                os.rmdir(folder)
+        handle.close()  # closing releases the lock
+
+
+
+@contextlib.contextmanager
+def writing(outputs):
+    """one_writer over the folders of an evaluation's output files {flag: path or None}, held inside the block."""
+    folders = {}
+    for flag, path in outputs.items():
+        if path:
+            folder = os.path.dirname(path) or "."
+            folders.setdefault(os.path.abspath(folder), f"{folder} (the folder of {flag})")
+    with contextlib.ExitStack() as stack:
+        for folder, label in folders.items():
+            stack.enter_context(one_writer(folder, label))
+        yield
 
 def is_json(path):
     try:

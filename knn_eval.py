@@ -11,7 +11,6 @@ output) under the evaluation transform. The bank is the training split (--subset
 (--test-subset). Data settings default to the checkpoint's; --arch, --small-stem or --img-size contradicting it is an
 error, while another --data is allowed (transfer evaluation) and reported.
 """
-import argparse
 import math
 import os
 import sys
@@ -22,8 +21,8 @@ import torch.nn.functional as F
 
 import data
 from data import eval_resize, exit_on_unreadable_image, load_data, pil_image, view_batches
-from evaluation import (add_model_flags, check_json_output, evaluated_bn, extract_features, is_png, knn_predict,
-                        load_model, machine, nearest, pick_device, settings, topk_accuracy, write_json)
+from evaluation import (MODEL_RUN_CONTROL, add_model_flags, check_json_output, evaluated_bn, extract_features, is_png, knn_predict,
+                        load_model, machine, nearest, pick_device, settings, topk_accuracy, write_json, writing)
 
 BEST_NN_KS = tuple(range(1, 102, 2))
 
@@ -206,8 +205,13 @@ def neighbours_picture(path, caption, queries, neighbours, test, train, img_size
 
 # ----- the script -------------------------------------------------------------------------------------------------
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
+# the flags that say where the results go and how fast they are made, not what is computed (a study counts
+# commands that differ only in these as equal; --neighbours counts as whether a picture is drawn)
+RUN_CONTROL = MODEL_RUN_CONTROL | {"json", "chunk"}
+
+
+def parser():
+    p = data.FlagParser(__doc__)
     add_model_flags(p)
     a = p.add_argument
     count = data.int_flag
@@ -227,7 +231,11 @@ def get_args(argv=None):
            "features, each marked as of the query's class (green) or not (red)")
     a("--chunk", type=count(1, 2**24), default=1024, help="query rows of the similarity matrix held at a time")
     a("--json", default=None, help="write the results here")
-    return p.parse_args(argv)
+    return p
+
+
+def get_args(argv=None):
+    return parser().parse_args(argv)
 
 
 def main(argv=None):
@@ -238,6 +246,13 @@ def main(argv=None):
         check_json_output(args.neighbours, "--neighbours", args.ckpt, is_png, "a PNG picture")
         if args.json and os.path.abspath(args.neighbours) == os.path.abspath(args.json):
             raise SystemExit(f"--neighbours and --json both name {args.json}: give the picture another name.")
+    with writing({"--json": args.json, "--neighbours": args.neighbours}):  # one writer per folder
+        return run(args)
+
+
+def run(args):
+    """The kNN evaluation and what was asked beside it (best-NN sweep, neighbours, diagnostics), its outputs checked
+    and held by main."""
     device = pick_device(args.device)
     start = time.time()
     backbone, head, dim = load_model(args)

@@ -14,7 +14,6 @@ set and never a result. The classifier is saved beside OUT as its name with "_cl
 training images first (the backbone stays frozen in eval mode after that). Network and data flags are those of
 knn_eval.py.
 """
-import argparse
 import os
 import time
 
@@ -23,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import data
-from evaluation import (add_model_flags, check_json_output, evaluated_bn, extract_features, load_model, machine,
-                        pick_device, save_atomic, settings, topk_accuracy, write_json)
+from evaluation import (MODEL_RUN_CONTROL, add_model_flags, check_json_output, evaluated_bn, extract_features, load_model, machine,
+                        pick_device, save_atomic, settings, topk_accuracy, write_json, writing)
 
 
 def check_backbone_unchanged(backbone, reference):
@@ -104,8 +103,13 @@ def load_classifier(path, args, dim, num_classes):
     return classifier
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
+# the flags that say where the results go and how fast they are made, not what is computed (a study counts
+# commands that differ only in these as equal)
+RUN_CONTROL = MODEL_RUN_CONTROL | {"json"}
+
+
+def parser():
+    p = data.FlagParser(__doc__)
     add_model_flags(p)
     a = p.add_argument
     a("--lr", type=data.float_flag(0, 1000, low_open=True), default=30.0, help="SGD learning rate (momentum 0.9)")
@@ -118,7 +122,11 @@ def get_args(argv=None):
     a("--evaluate", default=None, metavar="CLASSIFIER", help="only test a *_classifier.pt saved by this script")
     a("--json", default=None, help="results file (required unless --evaluate); a trained classifier is saved beside "
                                    "it")
-    args = p.parse_args(argv)
+    return p
+
+
+def get_args(argv=None):
+    args = parser().parse_args(argv)
     if args.evaluate is None and args.json is None:
         raise SystemExit("pass --json OUT: the results and the trained classifier are written there.")
     return args
@@ -130,6 +138,12 @@ def main(argv=None):
         check_json_output(args.json, ckpt=args.ckpt)
     if not args.evaluate:
         check_classifier_output(classifier_path(args.json))
+    with writing({"--json": args.json}):  # one writer per folder: the results and the classifier go there
+        return run(args)
+
+
+def run(args):
+    """The linear protocol (or --evaluate of a saved classifier), its outputs checked and held by main."""
     device = pick_device(args.device)
     start = time.time()
     backbone, _, dim = load_model(args)

@@ -11,10 +11,8 @@ prints the command that resumes the run. Reading order: the flags; the method (l
 the loop with its log and checkpoints; the set-up. What the loop keeps around the method (the run's folder, the
 checks that stop or warn it, resuming) is in run_state.py.
 """
-import argparse
 import math
 import os
-import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -24,14 +22,19 @@ import torch.distributed as dist
 
 import data
 import run_state
-from evaluation import knn_monitor
+from evaluation import knn_monitor, one_writer
 from losses import SMOOTH_MODES, SMOOTH_SCHEDULES, contrastive_accuracy, distill_loss, smooth_eps, soft_info_nce
 from models import ARCHS, MoCo, load_teacher
 
 
+# the flags that say where a run's files go and how fast it runs, not what it computes: a study counts commands that
+# differ only in these as equal, and a resumed run may be given other values (run_state.resume_args: these, and the
+# stopping point, the kNN monitor's spacing and --amp's spelling)
+RUN_CONTROL = {"out", "resume", "data_dir", "workers", "device", "compile", "knn_subset", "log_every"}
+
+
 def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter, fromfile_prefix_chars="@")
-    p.convert_arg_line_to_args = lambda line: shlex.split(line, comments=True)  # @FILE: flags, # comments
+    p = data.FlagParser(__doc__)  # @FILE reads a flag file: presets/*/*.args, recipes/*.args
     a = p.add_argument
     count, number, fraction = data.int_flag, data.float_flag, data.float_flag(0, 1)
     a("--arch", default="resnet18", choices=ARCHS, help="backbone")
@@ -174,10 +177,12 @@ def train_step(model, x1, x2, optimizer, scaler, autocast, args, m, eps, teacher
 
 def main(argv=None):
     args = get_args(argv)
+    master = int(os.environ.get("RANK", 0)) == 0  # rank 0 writes the run's folder, and holds it while it does
     try:
-        return run(args, argv)
+        with one_writer(args.out, f"--out {args.out}") if master else nullcontext():
+            return run(args, argv)
     except KeyboardInterrupt:
-        if int(os.environ.get("RANK", 0)) == 0:
+        if master:
             print(run_state.interrupted(args.out, argv, __file__), file=sys.stderr)
         raise SystemExit(130) from None
 
@@ -186,7 +191,7 @@ def run(args, argv):
     """Set-up (processes, device, resume, data, model), the training loop with its log and checkpoints, the summary."""
     rank, world, device, ddp = run_state.start_processes(args)
     master = rank == 0
-    args, ckpt = run_state.open_run(args, argv, master, parser)
+    args, ckpt = run_state.open_run(args, argv, master, parser, RUN_CONTROL)
     files = run_state.RunFiles(args.out, master)
     files.sessions = ckpt.get("machines", []) if ckpt else []  # where the run's earlier sessions ran
     train = training_data(args, device, world)

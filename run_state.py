@@ -22,10 +22,9 @@ from evaluation import checkpoint_step, machine, pick_device, save_atomic, writa
 
 # 2: --lr is a rate per 256 images (version 1 stored the peak rate itself); resuming needs the same version
 CHECKPOINT_VERSION = 2
-# flags that may change when a run is resumed; every other flag given must equal the checkpoint's
-# (--amp may be given in another spelling, auto or the precision, as long as it means the checkpoint's: restore)
-RUN_CONTROL = {"out", "resume", "data_dir", "workers", "device", "max_steps", "knn_every", "knn_subset",
-               "log_every", "compile", "amp"}
+# beyond pretrain.RUN_CONTROL, the flags a resumed run may be given other values of: where this session stops, the
+# kNN monitor's spacing, and --amp in another spelling of the checkpoint's precision (restore checks it)
+RESUMABLE = {"max_steps", "knn_every", "amp"}
 
 
 # ----- the run's folder -----------------------------------------------------------------------------------------------
@@ -259,8 +258,9 @@ def wrap_ddp(raw, device):
 
 # ----- starting and resuming a run ------------------------------------------------------------------------------------
 
-def open_run(args, argv, master, parser):
-    """(args, checkpoint or None): a new run directory, or with --resume the checkpoint in it and its flags."""
+def open_run(args, argv, master, parser, run_control):
+    """(args, checkpoint or None): a new run directory, or with --resume the checkpoint in it and its flags (those
+    of `run_control` and RESUMABLE as given)."""
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise SystemExit(f"--out {args.out} is a file, not a run directory: choose another --out.")
     writable_dir(args.out, "--out")
@@ -270,7 +270,7 @@ def open_run(args, argv, master, parser):
         if not args.resume:
             raise SystemExit(f"{path} already exists: pass --resume to continue that run, or choose another --out.")
         ckpt = read_checkpoint(path)
-        args = resume_args(args, ckpt["args"], given_flags(parser, argv))
+        args = resume_args(args, ckpt["args"], data.given_flags(parser(), argv), run_control | RESUMABLE)
     if master and os.path.exists(path + ".tmp"):
         os.remove(path + ".tmp")  # a save that was killed: the checkpoint itself is the one before it
     return args, ckpt
@@ -289,27 +289,20 @@ def read_checkpoint(path):
     return ckpt
 
 
-def resume_args(args, saved, given):
-    """The checkpoint's flags, except --max-steps (this session's stopping point) and the run-control flags given on
-    the command line. Any other flag given must equal the checkpoint's; all that differ are named at once."""
+def resume_args(args, saved, given, may_change):
+    """The checkpoint's flags, except those of `may_change` given on the command line (--max-steps, this session's
+    stopping point, whether given or not). Any other flag given must equal the checkpoint's; all that differ are
+    named at once."""
     conflicts = []
-    for key in [k for k in vars(args) if k in given - RUN_CONTROL and k in saved]:
+    for key in [k for k in vars(args) if k in given - may_change and k in saved]:
         value, flag = getattr(args, key), "--" + key.replace("_", "-")
         if saved[key] != value and not (key == "img_size" and value == 0):
             conflicts.append(f"no {flag}" if value is True else f"{flag} {saved[key]}, not {value}")
     if conflicts:
         raise SystemExit(f"{args.out} holds a run trained with {'; '.join(conflicts)}: leave out these flags to "
                          f"resume it with the checkpoint's values, or choose another --out.")
-    kept = (given & RUN_CONTROL) | {"out", "resume", "max_steps"}
+    kept = (given & may_change) | {"out", "resume", "max_steps"}
     return argparse.Namespace(**{**vars(args), **saved, **{k: getattr(args, k) for k in kept}})
-
-
-def given_flags(parser, argv=None):
-    """The flags on the command line: argparse fills in a default only where the namespace lacks the attribute, so
-    parsing into one whose every attribute is a marker leaves the marker exactly where no flag was given."""
-    p, unset = parser(), object()
-    parsed = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(p.parse_args(argv)), unset)))
-    return {key for key, value in vars(parsed).items() if value is not unset}
 
 
 def restore(ckpt, path, raw, optimizer, scaler, aug_gen, args, rank, world, device):

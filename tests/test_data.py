@@ -239,7 +239,7 @@ def test_imagefolder_reads_class_folders_lazily(tmp_path):
     assert d.images is None and d.labels.tolist() == [0, 0, 1, 1] and d.num_classes == 2
     assert [os.path.relpath(p, tmp_path) for p in d.paths] == ["train/cat/a.png", "train/cat/b.JPG",
                                                                "train/dog/a.png", "train/dog/b.JPG"]
-    v1, v2, y = data.TwoViewDataset(d, data.view_transform("mocov2", 24, d.mean, d.std))[1]  # a grey JPEG
+    v1, v2, y = data.ViewDataset(d, data.view_transform("mocov2", 24, d.mean, d.std), views=2)[1]  # a grey JPEG
     assert v1.shape == v2.shape == (3, 24, 24) and not torch.equal(v1, v2) and y == 0
 
     test = data.load_data("imagefolder", "test", str(tmp_path))
@@ -284,7 +284,7 @@ def test_imagefolder_bad_data_exits_naming_it(tmp_path):
     d = data.load_data("imagefolder", "train", str(tmp_path))  # found at load, noticed when read, and the
     unreadable = lambda: pytest.raises(data.UnreadableImage, match=re.escape(str(bad)))  # scripts exit (test above)
     with unreadable():
-        data.TwoViewDataset(d, data.view_transform("small", 16, d.mean, d.std))[d.paths.index(str(bad))]
+        data.ViewDataset(d, data.view_transform("small", 16, d.mean, d.std), views=2)[d.paths.index(str(bad))]
     with unreadable():
         list(data.eval_loader(d, 16))
 
@@ -348,7 +348,7 @@ def test_unknown_names_exit():
 
 @pytest.mark.parametrize("aug", ["mocov2", "strong", "small", "linear"])
 def test_view_transform_is_the_preset(aug):
-    a = data.PRESETS[aug]
+    a = data.AUGMENTATIONS[aug]
     steps = data.view_transform(aug, 224, (0.5,) * 3, (0.5,) * 3).transforms
     crop = steps[0]
     assert isinstance(crop, T.RandomResizedCrop) and crop.scale == a.scale and crop.ratio == data.RATIO
@@ -387,7 +387,7 @@ def torchvision_boxes(n, height, width, scale):
 @pytest.mark.parametrize("aug, height, width", [("mocov2", 32, 32), ("linear", 28, 28), ("small", 16, 64)])
 def test_crop_boxes_match_random_resized_crop(aug, height, width):
     """(16, 64) is wider than any allowed aspect ratio: many draws fall back to torchvision's centre crop."""
-    n, scale = 4000, data.PRESETS[aug].scale
+    n, scale = 4000, data.AUGMENTATIONS[aug].scale
     ours = data.BatchedAugment(aug, 32, (0.5,) * 3, (0.5,) * 3).sample_params(
         n, height, width, torch.Generator().manual_seed(0))["box"].float()
     theirs = torchvision_boxes(n, height, width, scale)
@@ -414,7 +414,7 @@ def test_crop_boxes_match_random_resized_crop(aug, height, width):
 
 @pytest.mark.parametrize("aug", ["mocov2", "strong", "small"])
 def test_random_parameters_have_the_preset_ranges_and_probabilities(aug):
-    n, a = 20000, data.PRESETS[aug]
+    n, a = 20000, data.AUGMENTATIONS[aug]
     p = data.BatchedAugment(aug, 32, (0.5,) * 3, (0.5,) * 3).sample_params(
         n, 32, 32, torch.Generator().manual_seed(0))
     for coin, prob in (("flip", 0.5), ("jitter", a.p_jitter), ("grey", a.p_grey), ("blur", a.p_blur)):
@@ -536,7 +536,7 @@ def test_batched_augment_on_cuda():
 
 def test_two_view_dataset_in_memory():
     d = data.load_data("synthetic", "train", subset="8")
-    loader = torch.utils.data.DataLoader(data.TwoViewDataset(d, data.view_transform("small", 32, d.mean, d.std)),
+    loader = torch.utils.data.DataLoader(data.ViewDataset(d, data.view_transform("small", 32, d.mean, d.std), views=2),
                                          batch_size=4)
     v1, v2, y = next(iter(loader))
     assert v1.shape == v2.shape == (4, 3, 32, 32) and not torch.equal(v1, v2) and torch.equal(y, d.labels[:4])

@@ -28,7 +28,7 @@ def main():
     network = models.build_backbone("mobilenetv3_small")[0].eval()
     print("| crop scale | raw pixels | random-init mobilenetv3_small |\n|---|---|---|")
     for low in (0.2, 0.5, 0.8):
-        data.PRESETS["probe"] = data.PRESETS["small"]._replace(scale=(low, 1.0))
+        data.AUGMENTATIONS["probe"] = data.AUGMENTATIONS["small"]._replace(scale=(low, 1.0))
         aug, gen = data.BatchedAugment("probe", 28, images.mean, images.std), torch.Generator().manual_seed(0)
         v1, v2 = aug(images.images, gen), aug(images.images, gen)
         with torch.no_grad():
