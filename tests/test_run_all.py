@@ -1,26 +1,27 @@
-"""run_all.sh and study.py, end to end on the `smoke` preset (synthetic images, a few steps, one network): the jobs
+"""run_all.sh, study.py and engine/ end to end on the `smoke` preset (synthetic images, a few steps, one network):
+one study grows through the steps a user takes (a first seed, a time box too short for anything, a dry run, a
+second seed, a rerun) and the tests that only read it share it; the tests that change it work on a copy. The jobs
 chain, the table is written, a finished study is skipped on rerun and grows by what is new, an evaluation is redone
-when its checkpoint changes, a run whose recorded command differs is rerun without losing the old one first, a
-failing job stops the study, a time box stops it with the runs kept, and the plan runs under xargs. Also report.py's
-statistics and every preset's commands."""
+when its checkpoint changes, a run whose recorded command differs is made again without losing the old one first, a
+failing job stops the study, a time box stops it with the runs kept, and the plan runs under xargs. Also every
+preset's commands, and the pool's logic in-process."""
 import csv
 import hashlib
 import json
 import os
 import re
-import shlex
 import shutil
-import subprocess
 import signal
+import subprocess
 import sys
 import time
 
 import pytest
 import torch
 
-import report
 import run_state
-import study as engine
+import study as command
+from engine import cost, jobs, pool, presets, report, stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = "mobilenetv3_small_small_s0"
@@ -34,13 +35,38 @@ def study(tmp_path, preset="smoke", **env):
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def grown(tmp_path_factory):
+    """One smoke study through the steps of a user, two jobs at once: seed 0 (the cost is measured first); seeds 0-1
+    in a time box too short for any job; their dry run with its cost; seeds 0-1 (only seed 1 runs). Returns the
+    folder and each step's completed process."""
     tmp_path = tmp_path_factory.mktemp("study")
-    return tmp_path, study(tmp_path, SEEDS="2", JOBS="2")
+    steps = {"first": study(tmp_path, SEEDS="1", JOBS="2")}
+    steps["boxed"] = study(tmp_path, SEEDS="2", JOBS="2", HOURS="0.0001")
+    steps["dry"] = study(tmp_path, SEEDS="2", JOBS="2", DRY_RUN="1", COST="1")
+    steps["grown"] = study(tmp_path, SEEDS="2", JOBS="2")
+    return tmp_path, steps
 
 
-def test_the_study_writes_one_row_per_recipe_and_seed(finished):
-    tmp_path, proc = finished
+@pytest.fixture
+def finished(grown):
+    """(the grown study's folder, its last step)."""
+    return grown[0], grown[1]["grown"]
+
+
+def copy_of(finished, tmp_path, runs=True):
+    """The finished study copied to tmp_path (without runs/ but for the cost measured: a clone)."""
+    shutil.copytree(finished[0] / "results", tmp_path / "results")
+    if runs:
+        shutil.copytree(finished[0] / "runs", tmp_path / "runs")
+    else:
+        (tmp_path / "runs" / "smoke").mkdir(parents=True)
+        shutil.copy(finished[0] / "runs" / "smoke" / "cost.json", tmp_path / "runs" / "smoke" / "cost.json")
+    return tmp_path
+
+
+def test_the_study_writes_one_row_per_recipe_and_seed(grown):
+    tmp_path, steps = grown
+    proc, first = steps["grown"], steps["first"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "results" / "smoke"
     rows = list(csv.DictReader(open(out / "results.csv")))
@@ -61,19 +87,19 @@ def test_the_study_writes_one_row_per_recipe_and_seed(finished):
     for recipe in ("baseline", "small"):  # pretext accuracy, first -> last epoch, mean +- sd over the seeds' logs
         acc = [[json.loads(line)["epoch_acc"] for line in open(out / f"mobilenetv3_small_{recipe}_s{s}" / "log.jsonl")
                 if "epoch_acc" in line] for s in (0, 1)]
-        first = report.spread([a[0] for a in acc], 1)
-        assert f"| mobilenetv3_small | {recipe} | 2 | 1 | {first} -> " in table  # seeds 2, epochs 1
+        assert f"| mobilenetv3_small | {recipe} | 2 | 1 | {stats.spread([a[0] for a in acc], 1)} -> " in table
     assert "| mobilenetv3_small | 1.52M |" in table  # the references' table
     assert table.strip().splitlines()[-1] in proc.stdout  # the table is printed at the end
     assert (out / "results.svg").read_text().startswith("<svg")
     invocation = json.load(open(out / "study.json"))["invocation"]  # the command that reruns it, subset included
     assert invocation == 'JOBS=2 SEEDS=2 ARCHS="mobilenetv3_small" bash run_all.sh smoke', invocation
+    assert first.returncode == 0 and "x 1 seed(s)" in first.stdout, first.stderr[-3000:]
 
 
-def test_every_command_is_recorded_beside_its_results(finished):
-    tmp_path, _ = finished
+def test_every_command_is_recorded_beside_its_results(grown):
+    tmp_path, steps = grown
     out = tmp_path / "results" / "smoke"
-    dry = study(tmp_path, SEEDS="2", DRY_RUN="1")
+    dry = steps["dry"]
     assert dry.returncode == 0, dry.stderr
     jobs = dry.stdout.split("\n# ")[1:]
     assert len(jobs) == 7  # 2 seeds x (2 runs + references) + raw pixels
@@ -97,8 +123,8 @@ def test_the_two_recipes_differ_as_the_script_says(finished):
                                                                                                        2048, 10, 1)
 
 
-def test_a_rerun_skips_finished_stages(finished):
-    tmp_path, first = finished
+def test_a_rerun_skips_finished_stages(finished, tmp_path):
+    tmp_path = copy_of(finished, tmp_path)
     ckpt = tmp_path / "runs" / "smoke" / RUN / "checkpoint.pt"
     before = ckpt.stat().st_mtime_ns
     record = (tmp_path / "results" / "smoke" / "study.json").read_text()
@@ -129,81 +155,71 @@ def test_the_table_is_rebuilt_from_the_files_alone(finished, tmp_path):
     assert proc.returncode == 1 and "study.json does not exist" in proc.stderr
 
 
-def test_every_tracked_table_is_what_report_py_makes_of_its_files(tmp_path):
-    """Each tracked study folder (results/**/study.json) rebuilds, from its JSON and logs alone, to the tables, the
-    CSV and the figure that are tracked beside them: no table in the repository holds a number its files do not (the
-    line naming the code is left out: it compares the results' commits with whatever checkout runs the test)."""
-    listed = subprocess.run(["git", "ls-files", "results/*/study.json", "results/**/study.json"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.split()
-    folders = sorted({os.path.dirname(path) for path in listed})
-    assert {"results/demo", "results/probes/mnv3s_6seeds"} <= set(folders), folders
-
-    def without_code_line(text):
-        return [line for line in text.splitlines() if not (line.startswith("`") and " Code: " in line)]
-
-    for folder in folders:
-        copy = tmp_path / folder
-        shutil.copytree(os.path.join(ROOT, folder), copy)
-        for name in ("RESULTS.md", "results.csv", "results.svg"):
-            (copy / name).unlink()
-        proc = subprocess.run([sys.executable, "report.py", str(copy)], cwd=ROOT, capture_output=True, text=True)
-        assert proc.returncode == 0, (folder, proc.stderr[-2000:])
-        tracked = open(os.path.join(ROOT, folder, "RESULTS.md")).read()
-        assert without_code_line((copy / "RESULTS.md").read_text()) == without_code_line(tracked), (
-            f"{folder}/RESULTS.md: rebuild it with report.py {folder}")
-        for name in ("results.csv", "results.svg"):
-            assert (copy / name).read_text() == open(os.path.join(ROOT, folder, name)).read(), f"{folder}/{name}"
+def refused(argv, capsys):
+    """study.py's exit status and stderr for argv, in this process."""
+    with pytest.raises(SystemExit) as exit_:
+        command.main(argv)
+    return exit_.value.code, capsys.readouterr().err
 
 
-def test_the_readme_table_is_the_demo_study_summary():
-    """The README's results table is results/demo/RESULTS.md's summary, row for row: a rebuilt study that changes a
-    number fails here until the README says it too."""
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    section = readme.split("\n## Results\n", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in section.splitlines() if line.startswith("|")]
-    summary = open(os.path.join(ROOT, "results", "demo", "RESULTS.md")).read().split("\n## Summary\n", 1)[1]
-    summary_rows = [line for line in summary.split("\n## ", 1)[0].splitlines() if line.startswith("|")]
-    assert len(rows) == 7 and rows == summary_rows, "copy results/demo/RESULTS.md's summary table into the README"
-
-
-def test_mistakes_are_refused_before_any_folder_is_made(tmp_path):
+def test_mistakes_are_refused_before_any_folder_is_made(tmp_path, capsys):
     """Dry runs and real runs alike check the networks and the data first; a GPU preset on a CPU says what it would
-    cost and stops. Nothing is written under STUDY_DIR."""
-    for env, preset, sentence in (({"ARCHS": "resnet19"}, "smoke", "ARCHS names resnet19, not a network of models.py"),
-                                  ({"DATA_DIR": "/nonexistent"}, "cifar10", "--data-dir /nonexistent is not a "
-                                                                            "directory"),
-                                  ({}, "fmnist", "run_all.sh fmnist is sized for GPUs")):
-        for dry in ("1", ""):
-            proc = study(tmp_path, preset, DRY_RUN=dry, **env)
-            if dry and preset == "fmnist":  # a dry run prints the commands: it costs nothing
-                assert proc.returncode == 0, proc.stderr
+    cost and stops. Nothing is written under STUDY_DIR. (In this process: study.py decides; run_all.sh hands the
+    variables over, which the tests of run_all.sh's own checks below show.)"""
+    base = ["--study-dir", str(tmp_path), "--gpus", "0", "--no-cost"]
+    for argv, sentence in ((["smoke", "--archs", "resnet19"], "ARCHS names resnet19, not a network of models.py"),
+                           (["cifar10", "--data-dir", "/nonexistent"], "--data-dir /nonexistent is not a directory"),
+                           (["fmnist"], "run_all.sh fmnist is sized for GPUs"),
+                           (["tiny"], "unknown preset 'tiny': choose one of presets/ (")):
+        for dry in (["--dry-run"], []):
+            if dry and argv == ["fmnist"]:  # a dry run prints the commands: it costs nothing
+                assert command.main(argv + base + dry) == 0
+                capsys.readouterr()
                 continue
-            assert proc.returncode == 2 and sentence in proc.stderr, (env, dry, proc.stderr)
-    assert "CPU_OK=1 bash run_all.sh fmnist" in proc.stderr
+            code, err = refused(argv + base + dry, capsys)
+            assert code == 2 and sentence in err and len(err.strip().splitlines()) == 1, (argv, dry, err)
+    assert "CPU_OK=1 bash run_all.sh fmnist" in refused(["fmnist"] + base, capsys)[1]
     assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "results")
 
 
-def test_seeds_archs_and_study_dir_mistakes_are_one_sentence(tmp_path):
+def test_seeds_archs_mistakes_are_one_sentence(tmp_path, capsys):
     """The issue's SEEDS_ARCHS typo ran one seed under a "3 seed(s)" banner: a network models.py lacks, or one this
-    study's ARCHS leaves out, is refused like ARCHS; so is a STUDY_DIR that cannot be a folder. Nothing is made."""
+    study's ARCHS leaves out, is refused like ARCHS. Nothing is made."""
+    base = ["smoke", "--study-dir", str(tmp_path), "--gpus", "0", "--no-cost", "--archs", "mobilenetv3_small",
+            "--seeds", "3"]
+    for extra, sentence, dry_runs in (
+            (["--seeds-archs", "mobilenet_v3_small"], "SEEDS_ARCHS names mobilenet_v3_small, not a network of "
+                                                     "models.py: choose from", (True, False)),
+            (["--seeds-archs", "resnet18"], "SEEDS_ARCHS names resnet18, not a network of this study (ARCHS: "
+                                            "mobilenetv3_small): name networks of ARCHS", (True,))):
+        for dry in dry_runs:
+            code, err = refused(base + extra + (["--dry-run"] if dry else []), capsys)
+            assert code == 2 and sentence in err and len(err.strip().splitlines()) == 1, (extra, dry, err)
+    assert not tmp_path.joinpath("runs").exists() and not tmp_path.joinpath("results").exists()
+    assert command.main(base + ["--seeds-archs", "mobilenetv3_small", "--dry-run"]) == 0  # the networks of ARCHS
+    assert "x 3 seed(s) (seeds past 0: mobilenetv3_small)" in capsys.readouterr().out
+
+
+def test_run_all_checks_its_own_variables_before_the_set_up(tmp_path):
+    """run_all.sh refuses a STUDY_DIR that cannot be a folder, an unknown preset and numbers that are not numbers
+    before it builds anything, in one sentence (exit 2); PYTHON names no interpreter, so any set-up would fail."""
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    folder = tmp_path / "study"
-    for env, sentence, dry_runs in (
-            ({"SEEDS": "3", "SEEDS_ARCHS": "mobilenet_v3_small"}, "SEEDS_ARCHS names mobilenet_v3_small, not a "
-                                                                   "network of models.py: choose from", ("1", "")),
-            ({"SEEDS": "3", "SEEDS_ARCHS": "resnet18"}, "SEEDS_ARCHS names resnet18, not a network of this study "
-                                                        "(ARCHS: mobilenetv3_small): name networks of ARCHS", ("1",)),
-            ({"STUDY_DIR": str(blocker)}, f"STUDY_DIR={blocker} cannot hold the study's runs/ and results/, as "
-                                          f"{blocker} is not a folder: choose another STUDY_DIR.", ("1", "")),
-            ({"STUDY_DIR": str(blocker / "sub")}, f"as {blocker} is not a folder", ("1",))):
-        for dry in dry_runs:
-            proc = study(folder, DRY_RUN=dry, **env)
-            assert proc.returncode == 2 and sentence in proc.stderr, (env, dry, proc.stderr)
-            assert len(proc.stderr.strip().splitlines()) == 1 and "seed(s)" not in proc.stdout, proc.stderr
-    assert not folder.exists() and blocker.read_text() == "not a folder"
-    proc = study(folder, DRY_RUN="1", SEEDS="3", SEEDS_ARCHS="mobilenetv3_small")  # the networks of ARCHS: fine
-    assert proc.returncode == 0 and "x 3 seed(s) (seeds past 0: mobilenetv3_small)" in proc.stdout, proc.stderr
+    for env, preset, sentence in (({"STUDY_DIR": str(blocker)}, "smoke",
+                                   f"STUDY_DIR={blocker} cannot hold the study's runs/ and results/, as {blocker} is "
+                                   f"not a folder: choose another STUDY_DIR."),
+                                  ({"STUDY_DIR": str(blocker / "sub")}, "smoke", f"as {blocker} is not a folder"),
+                                  ({}, "tiny", "unknown preset 'tiny': choose one of presets/ ("),
+                                  ({"SEEDS": "0"}, "smoke", "SEEDS=0 is not a number"),
+                                  ({"JOBS": "two"}, "smoke", "JOBS=two is not a number"),
+                                  ({"HOURS": "0"}, "smoke", "HOURS=0 is not a number"),
+                                  ({"HOURS": "1h"}, "smoke", "HOURS=1h is not a number")):
+        proc = study(tmp_path / "study", preset, PYTHON="/nonexistent/python", **env)
+        assert proc.returncode == 2 and sentence in proc.stderr, (env, preset, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and not proc.stdout, proc.stderr
+    assert not (tmp_path / "study").exists() and blocker.read_text() == "not a folder"
+    proc = study(tmp_path / "study", ARCHS="resnet19", DRY_RUN="1")  # what study.py refuses, through run_all.sh
+    assert proc.returncode == 2 and "ARCHS names resnet19" in proc.stderr, proc.stderr
 
 
 def test_help_prints_the_usage_before_the_set_up():
@@ -216,24 +232,6 @@ def test_help_prints_the_usage_before_the_set_up():
                               env={**os.environ, "PYTHON": "/nonexistent/python"})
         assert (proc.returncode, proc.stdout, proc.stderr) == (0, usage, ""), word
     assert "bash run_all.sh [PRESET] [DATA_DIR]" in usage and "\n#" not in usage
-
-
-def test_the_machine_line_counts_the_runs_each_machine_made():
-    """From hand-made results: a CPU and a GPU machine and files from before the record, counted per machine;
-    nothing of the machine that builds the report."""
-    record = {"cpu": "AMD EPYC 7B13", "cpu_flags": ["avx2", "avx512f"], "cores": 2, "threads": 1, "gpu": None,
-              "gpus": 0, "world_size": 1, "torch": "2.5.1", "commit": "c3662e8", "modified": False,
-              "start": "2026-12-04T10:00:00+00:00", "end": "2026-12-04T10:05:00+00:00"}
-    cpu = json.loads(json.dumps({"device": "cpu", "machine": record}))
-    gpu = json.loads(json.dumps({"device": "cuda", "machine": {**record, "gpu": "NVIDIA H100", "gpus": 8,
-                                                               "world_size": 8, "torch": "2.6.0"}}))
-    old = {"device": "cpu"}
-    line = report.machine_line({"pretraining": [gpu, cpu, old, cpu], "evaluation": [cpu, old]})
-    assert line == ("Machine: pretraining, 2 runs on AMD EPYC 7B13 (avx2 avx512f, 2 cores / 1 thread); 1 run on "
-                    "NVIDIA H100 x 8; 1 run not recorded. Evaluations, 1 file on AMD EPYC 7B13 (avx2 avx512f, 2 "
-                    "cores / 1 thread); 1 file not recorded. Torch 2.5.1, 2.6.0.")
-    assert report.machine_line({"pretraining": [old], "evaluation": [old, old]}) == (
-        "Machine: pretraining, 1 run not recorded. Evaluations, 2 files not recorded. Torch not recorded.")
 
 
 def test_the_table_names_the_machine_its_runs_recorded(finished):
@@ -249,7 +247,7 @@ def test_the_table_names_the_machine_its_runs_recorded(finished):
 def test_a_new_checkpoint_is_evaluated_again(finished, tmp_path):
     """An evaluation names the checkpoint it measured: one written by another pretraining in the same folder (here
     its weights perturbed) gets new kNN and linear results; the other runs' results stay."""
-    shutil.copytree(finished[0], tmp_path, dirs_exist_ok=True)
+    copy_of(finished, tmp_path)
     out, ckpt = tmp_path / "results" / "smoke", tmp_path / "runs" / "smoke" / RUN / "checkpoint.pt"
     saved = torch.load(ckpt, weights_only=True)
     name = next(k for k in saved["model"] if k.startswith("encoder_q.backbone.") and k.endswith("weight"))
@@ -268,7 +266,7 @@ def test_a_new_checkpoint_is_evaluated_again(finished, tmp_path):
 
 @pytest.mark.parametrize("jobs", ["1", "2"])
 def test_a_failing_job_stops_the_study_and_builds_no_table(finished, tmp_path, jobs):
-    shutil.copytree(finished[0], tmp_path, dirs_exist_ok=True)
+    copy_of(finished, tmp_path)
     table = (tmp_path / "results" / "smoke" / "RESULTS.md").read_text()
     (tmp_path / "results" / "smoke" / RUN / "knn.json").unlink()
     (tmp_path / "runs" / "smoke" / RUN / "checkpoint.pt").write_bytes(b"not a checkpoint")
@@ -286,117 +284,39 @@ def sleeper(ignore_ctrl_c=False, seconds=300):
     return subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
 
 
-def test_stop_all_outlives_a_job_that_has_already_ended():
+def test_stopping_outlives_a_job_that_has_already_ended():
     """A failing job stops the others; one of them may have ended a moment before: stopping it must not fail."""
-    runner = engine.Runner.__new__(engine.Runner)
     done = sleeper(seconds=0)
     done.wait()
-    runner.slots = [{"proc": done}, {"proc": sleeper()}]
-    runner.stop_all(grace=2)  # where Ctrl-C is ignored (a study started in the background) TERM ends the sleeper
-    assert runner.slots == [None, None]
+    running = sleeper()
+    pool.stop([done, running], grace=2)  # where Ctrl-C is ignored (a study started in the background) TERM ends it
+    assert running.returncode is not None
 
 
-def test_stop_all_ends_a_job_that_ignores_ctrl_c(monkeypatch):
+def test_stopping_ends_a_job_that_ignores_ctrl_c():
     """Where SIGINT is ignored (a study started in the background by a non-interactive shell), TERM follows."""
-    runner = engine.Runner.__new__(engine.Runner)
     proc = sleeper(ignore_ctrl_c=True)
     time.sleep(1)  # its handler is set
-    runner.slots = [{"proc": proc}]
-    runner.stop_all(grace=2)
+    pool.stop([proc], grace=2)
     assert proc.returncode == -signal.SIGTERM
 
 
-def test_an_unknown_preset_and_bad_numbers_are_refused(tmp_path):
-    proc = study(tmp_path, "tiny")
-    assert proc.returncode == 2 and "unknown preset 'tiny'" in proc.stderr
-    for var, value in (("SEEDS", "0"), ("JOBS", "two"), ("HOURS", "0"), ("HOURS", "1h")):
-        proc = study(tmp_path, **{var: value})
-        assert proc.returncode == 2 and f"{var}={value} is not a number" in proc.stderr
-
-
 def test_the_presets_page_is_current_and_no_command_gives_a_flag_twice():
-    """docs/presets.md is what tools/presets.sh prints today (every preset's commands, by run_all.sh's DRY_RUN), and
-    no command in it gives a flag twice (the references once got the pretraining's --subset and the evaluation's)."""
-    env = {**os.environ, "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", "tools/presets.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    page = proc.stdout.replace(sys.executable, ".venv/bin/python")
-    assert page == open(os.path.join(ROOT, "docs", "presets.md")).read(), "run: bash tools/presets.sh > docs/presets.md"
+    """docs/presets.md is what tools/presets.py writes today (every preset's commands, as study.py's dry run prints
+    them), and no command in it gives a flag twice (the references once got the pretraining's --subset and the
+    evaluation's)."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import presets as page_tool
+    page = page_tool.page()
+    assert page == open(os.path.join(ROOT, "docs", "presets.md")).read(), "run: .venv/bin/python tools/presets.py"
     sections = page.split("\n## ")[1:]
-    assert [s.split("\n")[0] for s in sections] == ["demo", "demo24", "fmnist", "cifar10", "imagenet", "smoke"]
+    assert [s.split("\n")[0] for s in sections] == presets.presets()
     for section in sections:
-        commands = [shlex.split(line) for line in section.splitlines() if line.startswith(".venv/bin/python")]
+        commands = [line.split() for line in section.splitlines() if line.startswith(".venv/bin/python")]
         assert len(commands) == 2 * 3 + 2 + 1  # two runs of three stages, two references, raw pixels
-        for command in commands:
-            flags = [word for word in command if word.startswith("--")]
-            assert len(flags) == len(set(flags)), command
-
-
-def test_paired_statistics_against_a_hand_computation():
-    assert report.spread([1.0]) == "1.00" and report.spread([1.0, 2.0, 3.0]) == "2.00 ± 1.00"
-    t, beyond = report.paired([1.0, 2.0, 3.0])  # mean 2, sd 1, n 3: t = 2 / (1 / sqrt 3) = 3.46 < 4.303
-    assert t == pytest.approx(2 * 3 ** 0.5) and beyond is False
-    t, beyond = report.paired([1.0, 1.2, 0.8, 1.1])  # mean 1.025, sd 0.171: t = 12.0 > 3.182
-    assert t == pytest.approx(1.025 / (0.17078251 / 2), rel=1e-6) and beyond is True
-    assert report.paired([0.5]) == (None, None) and report.paired([0.0, 0.0]) == (0.0, False)
-
-
-def test_t_critical_values_beyond_the_table_follow_the_t_distribution():
-    # scipy.stats.t.ppf(0.975, df) for df 31, 40, 60, 120: 2.0395, 2.0211, 2.0003, 1.9799
-    for n, value in ((32, 2.0395), (41, 2.0211), (61, 2.0003), (121, 1.9799)):
-        assert report.critical(n) == pytest.approx(value, abs=2e-4)
-    assert report.critical(31) == 2.042 and report.critical(2) == 12.706
-
-
-def test_the_confidence_interval_excludes_0_exactly_when_the_difference_is_beyond_the_spread():
-    # mean 1.025, sd 0.171, n 4: half-width 3.182 * 0.171 / 2 = 0.272 (hand computation)
-    assert report.confidence([1.0, 1.2, 0.8, 1.1]) == pytest.approx(3.182 * 0.17078251 / 2, rel=1e-6)
-    assert report.confidence([0.5]) is None
-    generator = torch.Generator().manual_seed(0)
-    for n in (2, 3, 5, 8):
-        for _ in range(50):
-            diffs = (torch.randn(n, generator=generator) + 1).tolist()
-            mean, half = sum(diffs) / n, report.confidence(diffs)
-            assert report.paired(diffs)[1] == (abs(mean) > half), diffs
-
-
-def synthetic_rows(effects, gains, pixels_minus):
-    """Rows as report.collect makes them: per network, per seed, the baseline and the small recipe, the small one
-    `effects[arch][seed]` kNN points above the baseline; the baseline `gains[arch][seed]` above its random init."""
-    rows = []
-    for arch, per_seed in effects.items():
-        for seed, (effect, gain) in enumerate(zip(per_seed, gains[arch])):
-            base = 70.0 + seed
-            for recipe, knn in (("baseline", base), ("small", base + effect)):
-                rows.append({"arch": arch, "recipe": recipe, "seed": seed, "knn": knn,
-                             "knn_gain": knn - (base - gain), "linear_top1": knn + 5})
-    return rows, {"pixels": 70.0 + pixels_minus}
-
-
-def test_the_tables_in_words_follow_the_numbers():
-    rows, refs = synthetic_rows({"resnet18": [2.0, 2.2, 1.8], "mobilenetv3_small": [3.0, -2.0, 0.5],
-                                 "efficientnet_b0": [-1.0]},
-                                {"resnet18": [5.0, 5.1, 4.9], "mobilenetv3_small": [-4.0, -4.2, -3.9],
-                                 "efficientnet_b0": [1.0]}, pixels_minus=-50.0)
-    words = "\n".join(report.findings(rows, refs, ["resnet18", "mobilenetv3_small", "efficientnet_b0"]))
-    kNN = words.splitlines()[0]
-    assert kNN.startswith("- **Small-model recipe minus baseline, kNN**: beyond the seed spread and in the recipe's "
-                          "favour for resnet18 (+2.00, 95% interval +1.50 to +2.50, t +17.3)"), kNN
-    assert "within the seed spread for mobilenetv3_small (+0.50, 95% interval -5.71 to +6.71, t +0.3)" in kNN
-    assert "one seed, so not measured, for efficientnet_b0 (-1.00)" in kNN
-    assert "below it beyond the seed spread: mobilenetv3_small baseline (-4.03" in words
-    assert "above it beyond the seed spread: resnet18 baseline (+5.00" in words
-    assert ("Learned against raw pixels (20.00; one-sample t against that constant)**: above them beyond the seed "
-            "spread: resnet18 baseline") in words
-    assert "The tables make 4 recipe comparisons" in words and "with probability at most 19%" in words
-    assert "kNN, 5 of 7 pairs favour the small-model recipe (two-sided p 0.45)" in words  # 2 x 29 / 128
-
-
-def test_the_sign_test_against_a_hand_computation():
-    assert report.sign_test(14, 15) == pytest.approx(2 * 16 / 2 ** 15)  # 15 + 1 splits as uneven, both ways
-    assert report.sign_test(1, 15) == report.sign_test(14, 15)
-    assert report.sign_test(12, 15) == pytest.approx(2 * (1 + 15 + 105 + 455) / 2 ** 15)
-    assert report.sign_test(5, 10) == 1.0 and report.sign_test(0, 0) == 1.0
+        for argv in commands:
+            flags = [w for w in argv if w.startswith("--")]
+            assert len(flags) == len(set(flags)), argv
 
 
 @pytest.mark.parametrize("batch, per_run, splits", [(128, 1, 2), (512, 1, 8), (512, 8, 1), (256, 1, 4), (256, 2, 2),
@@ -404,12 +324,6 @@ def test_the_sign_test_against_a_hand_computation():
 def test_split_bn_keeps_groups_of_64_images_whatever_the_number_of_processes(batch, per_run, splits):
     # the presets' --bn-group 64: per-process batch / 64 groups, at least one
     assert run_state.bn_splits(batch, per_run, 64) == splits
-
-
-def test_figure_ticks_are_round_numbers():
-    assert report.nice_ticks(52.7, 80.4) == [55, 60, 65, 70, 75, 80]
-    assert report.nice_ticks(1.4, 14.6) == [2.5, 5, 7.5, 10, 12.5]
-    assert report.nice_ticks(54.3, 76.1) == [55, 60, 65, 70, 75]
 
 
 def test_the_figure_has_a_legend_for_every_mark(finished):
@@ -432,8 +346,7 @@ def test_a_clone_keeps_results_whose_commands_mean_todays_and_reruns_the_others(
     """A clone holds a study's results without their checkpoints, recorded in another folder: runs whose recorded
     commands mean what the study runs now are kept (paths, interpreter and flag order aside) and said so; a run whose
     command differs is named and rerun, in .staging/ until it has finished, then takes the old one's place."""
-    results = tmp_path / "results" / "smoke"
-    shutil.copytree(finished[0] / "results" / "smoke", results)
+    results = copy_of(finished, tmp_path, runs=False) / "results" / "smoke"
     changed = results / RUN / "command.txt"
     changed.write_text(changed.read_text().replace("--moco-t 0.1", "--moco-t 0.3", 1))
     old_summary = (results / RUN / "summary.json").read_text()
@@ -448,7 +361,8 @@ def test_a_clone_keeps_results_whose_commands_mean_todays_and_reruns_the_others(
         time.sleep(0.2)
     out, err = proc.communicate()
     assert proc.returncode == 0, err[-3000:]
-    assert f"study: rerun, its recorded command differs from today's: {RUN} pretrain: --moco-t 0.3, not 0.1" in out
+    assert (f"study: made again, its recorded command differs from today's: {RUN} pretrain: --moco-t 0.3, not 0.1; "
+            f"it trains again in .staging/") in out, out
     assert "study: 3 run(s) kept" in out and "no checkpoint" in out, out
     assert seen_in_staging and all(seen_in_staging)
     assert not (results / ".staging").exists() and (results / RUN / "summary.json").read_text() != old_summary
@@ -457,67 +371,83 @@ def test_a_clone_keeps_results_whose_commands_mean_todays_and_reruns_the_others(
     assert not (tmp_path / "runs" / "smoke" / "mobilenetv3_small_baseline_s1").exists()  # kept, never retrained
 
 
-def test_the_cost_is_measured_once_a_time_box_starts_nothing_that_cannot_finish_and_more_seeds_add_runs(finished,
-                                                                                                      tmp_path):
-    """A study of seed 0 is there; SEEDS=2 is asked for in a box too short for any job. The study times the network
-    here first (the figures kept for this machine and preset), says what the rest will cost, starts nothing and says
-    how to continue (exit 3). The same command without the box then runs seed 1's jobs and nothing else, with the
-    figures it kept; the dry run says the cost too; RESULTS.md records both slices."""
-    shutil.copytree(finished[0], tmp_path, dirs_exist_ok=True)
-    for folder in ("results", "runs"):
-        for run in (tmp_path / folder / "smoke").glob("*_s1"):
-            shutil.rmtree(run)
-    (tmp_path / "runs" / "smoke" / "cost.json").unlink(missing_ok=True)
-    proc = study(tmp_path, SEEDS="2", HOURS="0.0001")
-    assert proc.returncode == 3, proc.stderr[-3000:]
-    assert "timing each network's training step" in proc.stdout
+def test_the_cost_is_measured_once_a_time_box_starts_nothing_that_cannot_finish_and_more_seeds_add_runs(grown):
+    """The first study times the network here (the figures kept for this machine and preset). SEEDS=2 in a box too
+    short for any job says what the rest will cost, starts nothing and says how to continue (exit 3); the dry run
+    says the cost too; the same command without the box runs seed 1's jobs and nothing else, with the figures kept;
+    RESULTS.md records every slice."""
+    tmp_path, steps = grown
+    assert "timing each network's training step" in steps["first"].stdout, steps["first"].stdout
+    boxed = steps["boxed"]
+    assert boxed.returncode == 3, boxed.stderr[-3000:]
+    assert "timing each network" not in boxed.stdout
     assert re.search(r"study smoke: 3 of 7 jobs to run \(2 pretraining\(s\)\) on a CPU of \d+ cores, 2 at once: "
-                     r"about \d\d:\d\d:\d\d here", proc.stdout), proc.stdout
+                     r"about \d\d:\d\d:\d\d here", boxed.stdout), boxed.stdout
     assert "study: the time box ends; 4 of 7 jobs done (run:mobilenetv3_small:1:baseline, " \
            "run:mobilenetv3_small:1:small, refs:mobilenetv3_small:1 left): run the same command again to continue." \
-           in proc.stdout
-    assert not (tmp_path / "results" / "smoke" / "mobilenetv3_small_small_s1").exists()
-    dry = study(tmp_path, SEEDS="2", DRY_RUN="1", COST="1")
-    assert re.search(r"study smoke: 3 of 7 jobs left, about \d\d:\d\d:\d\d here with 2 at once", dry.stderr)
-    proc = study(tmp_path, SEEDS="2")
+           in boxed.stdout
+    assert re.search(r"study smoke: 3 of 7 jobs left, about \d\d:\d\d:\d\d here with 2 at once", steps["dry"].stderr)
+    proc = steps["grown"]
     assert proc.returncode == 0 and "timing each network" not in proc.stdout, proc.stdout
     assert proc.stdout.count(": done, skipped") == 4  # seed 0's runs, its references, raw pixels
-    rows = list(csv.DictReader(open(tmp_path / "results" / "smoke" / "results.csv")))
-    assert sorted({r["seed"] for r in rows}) == ["0", "1"]
     slices = json.load(open(tmp_path / "results" / "smoke" / "study.json"))["slices"]
+    assert [len(s["finished"]) for s in slices] == [4, 0, 3]  # seed 0 (4 jobs); the box; seed 1
     assert sorted(slices[-1]["finished"]) == ["refs:mobilenetv3_small:1", "run:mobilenetv3_small:1:baseline",
                                               "run:mobilenetv3_small:1:small"] and slices[-1]["predicted_s"] > 0
     table = (tmp_path / "results" / "smoke" / "RESULTS.md").read_text()
     assert "## How the study ran" in table and 'HOURS=0.0001 bash run_all.sh smoke` |' in table
 
 
+def sleeping_job(tmp_path, monkeypatch):
+    """A job of one stage that sleeps, its prediction 0 (and its output.log showing how it was stopped)."""
+    st = jobs.Study("smoke", ["mobilenetv3_small"], study_dir=str(tmp_path), jobs=1)
+    job = jobs.Line(st, "pixels").jobs[0]
+    stage = jobs.Stage(["-c", "import time; time.sleep(300)"], str(tmp_path / "never.json"), str(tmp_path / "res"))
+    monkeypatch.setattr(job, "left", lambda: jobs.Left(str(tmp_path / "res"), None, None, [stage]))
+    monkeypatch.setattr(pool.Pool, "cost", lambda self, job: 0.0)
+    return st, job
+
+
 def test_the_time_box_stops_a_running_job_like_ctrl_c(tmp_path, monkeypatch):
     """At the box's end the running stage gets Ctrl-C (pretrain.py saves and stops), the study says so (exit 3)."""
-    st = engine.Study("smoke", ["mobilenetv3_small"], study_dir=str(tmp_path), jobs=1)
-    job = engine.Job(st, "pixels")
-    stage = engine.Stage(["-c", "import time; time.sleep(300)"], str(tmp_path / "never.json"), str(tmp_path / "res"))
-    monkeypatch.setattr(job, "parts", lambda: [("pixels", str(tmp_path / "res"), None, None, [stage])])
-    monkeypatch.setattr(engine, "job_cost", lambda job, costs: 0.0)
-    runner = engine.Runner(st, [engine.Unit(job)], {}, dict(os.environ), deadline=time.time() + 3)
+    st, job = sleeping_job(tmp_path, monkeypatch)
     start = time.time()
-    assert runner.run() == "time box" and time.time() - start < 30
+    assert pool.Pool(st, [job], {}, dict(os.environ), deadline=time.time() + 3).run() == "time box"
+    assert time.time() - start < 30
     assert "KeyboardInterrupt" in (tmp_path / "res" / "output.log").read_text()  # stopped by Ctrl-C, not killed
+
+
+def test_the_eta_follows_a_running_pretraining_by_its_steps(tmp_path):
+    """A pretraining that has logged 100 of its 400 steps in 60 s has 180 s left, whatever its prediction said;
+    before its first logged step, the prediction less the time it has run."""
+    st = jobs.Study("smoke", ["mobilenetv3_small"], study_dir=str(tmp_path), jobs=1)
+    job = jobs.Line(st, "run", "mobilenetv3_small", 0).jobs[0]
+    stage = job.left().stages[0]
+    speeds = {"mobilenetv3_small": {r: {"step_s": 1.0, "start_s": 0.0, "steps": 400, "images": 64} for r in
+                                    presets.RECIPES} | {"eval_image_s": 0.0, "eval_start_s": 0.0, "classes": 10}}
+    p = pool.Pool(st, [], speeds, {})
+    slot = {"job": job, "stages": [stage], "stage_start": time.time() - 60, "stage_step": 0}
+    assert p.remaining(slot) == pytest.approx(400 - 60, abs=1)  # nothing logged: the prediction, 400 s, less 60
+    os.makedirs(stage.run)
+    with open(os.path.join(stage.run, "log.jsonl"), "w") as f:
+        f.write(json.dumps({"epoch": 0, "step": 100, "loss": 1.0}) + "\n")
+    assert p.remaining(slot) == pytest.approx(180, abs=1)
 
 
 def test_a_resumed_run_is_predicted_to_take_what_is_left_of_it(tmp_path):
     """The prediction of a pretraining with a checkpoint covers the steps after it: slice 2 of the demo resumed a run
     at step 850 of 936, counted its 2 min against a full run's 9 and corrected every later ETA by that pace."""
-    st = engine.Study("smoke", ["mobilenetv3_small"], study_dir=str(tmp_path), jobs=1)
-    job = engine.Job(st, "run", "mobilenetv3_small", 0)
-    costs = {"mobilenetv3_small": {recipe: {"step_s": 2.0, "start_s": 5.0, "steps": 100, "images": 0}
-                                   for recipe in engine.RECIPES} | {"eval_image_s": 0.0, "eval_start_s": 0.0}}
-    (label, res, run, staged, todo), *_ = job.parts()
-    pretraining = todo[0]
+    st = jobs.Study("smoke", ["mobilenetv3_small"], study_dir=str(tmp_path), jobs=1)
+    job = jobs.Line(st, "run", "mobilenetv3_small", 0).jobs[0]
+    speeds = {"mobilenetv3_small": {recipe: {"step_s": 2.0, "start_s": 5.0, "steps": 100, "images": 64}
+                                    for recipe in presets.RECIPES} | {"eval_image_s": 0.0, "eval_start_s": 0.0,
+                                                                      "classes": 10}}
+    pretraining = job.left().stages[0]
     assert pretraining.script == "pretrain.py"
-    whole = engine.stage_cost(job, label, pretraining, costs)
+    whole = cost.stage_cost(job, pretraining, speeds)
     os.makedirs(pretraining.run)
     torch.save({"step": 75}, os.path.join(pretraining.run, "checkpoint.pt"))
-    assert engine.stage_cost(job, label, pretraining, costs) == pytest.approx(5.0 + (whole - 5.0) / 4)
+    assert cost.stage_cost(job, pretraining, speeds) == pytest.approx(5.0 + (whole - 5.0) / 4)
 
 
 @pytest.mark.slow
@@ -544,40 +474,34 @@ def test_the_plan_runs_under_xargs_and_gives_the_same_table(finished, tmp_path):
 
 
 def test_commands_mean_the_same_whatever_their_paths_order_and_split_bn_spelling():
-    """study.meaning: what decides whether a recorded command is today's. Paths, run control and flag order do not
+    """jobs.meaning: what decides whether a recorded command is today's. Paths, run control and flag order do not
     count; --bn-group 64 and the --bn-splits it makes on that many processes are one setting; a drawn picture and
-    every training flag do count; --reestimate-bn is --precise-bn's older name."""
+    every training flag do count; --reestimate-bn is --precise-bn's older name; a command today's script cannot
+    read is not today's."""
     old = ["pretrain.py", "--arch", "resnet18", "--bn-splits", "2", "--batch-size", "128", "--out", "/a", "--lr",
            "0.03"]
     new = ["pretrain.py", "--lr", "0.03", "--batch-size", "128", "--arch", "resnet18", "--bn-group", "64", "--out",
            "/b/c", "--resume", "--workers", "0"]
-    assert engine.meaning(old) == engine.meaning(new)
-    assert engine.meaning(old) != engine.meaning(new, processes=2)  # 64 images per process: one group each
-    assert engine.difference(engine.meaning(old + ["--moco-t", "0.1"]), engine.meaning(new)) == "--moco-t 0.1, not 0.2"
+    assert jobs.meaning(old) == jobs.meaning(new)
+    assert jobs.meaning(old) != jobs.meaning(new, processes=2)  # 64 images per process: one group each
+    assert jobs.difference(jobs.meaning(old + ["--moco-t", "0.1"]), jobs.meaning(new)) == "--moco-t 0.1, not 0.2"
     knn = ["knn_eval.py", "--arch", "resnet18", "--random-init", "--k", "20", "200", "--json", "/a/knn.json"]
-    assert engine.meaning(knn + ["--reestimate-bn"]) == engine.meaning(knn + ["--precise-bn"])
-    assert engine.meaning(knn + ["--neighbours", "/a/n.png"]) == engine.meaning(knn + ["--neighbours", "/b/n.png"])
-    assert engine.meaning(knn + ["--neighbours", "/a/n.png"]) != engine.meaning(knn)
+    assert jobs.meaning(knn + ["--reestimate-bn"]) == jobs.meaning(knn + ["--precise-bn"])
+    assert jobs.meaning(knn + ["--neighbours", "/a/n.png"]) == jobs.meaning(knn + ["--neighbours", "/b/n.png"])
+    assert jobs.meaning(knn + ["--neighbours", "/a/n.png"]) != jobs.meaning(knn)
+    assert jobs.meaning(knn + ["--chunk", "64", "--workers", "3"]) == jobs.meaning(knn)  # how fast, not what
+    assert jobs.meaning(knn + ["--flag-of-a-later-version"]) is None
 
 
-def test_a_preset_file_can_read_another():
-    """cifar10 is the fmnist preset on CIFAR-10: its files read fmnist's (@FILE), and the last --data wins."""
-    fmnist, cifar = engine.load_preset("fmnist"), engine.load_preset("cifar10")
-    assert cifar["pretrain"] == fmnist["pretrain"] + ["--data", "cifar10"]
-    assert all(cifar[f] == fmnist[f] for f in ("baseline", "small", "eval", "linear"))
-
-
-def test_the_report_says_when_results_came_from_other_training_code():
-    """Results kept from an earlier commit are named with the files of training or evaluation code that differ."""
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    old = "1a2f2f2d0c1ecf2ac4bd52e31b7c0ba91a0d1e35"[:7]  # before fp16 on the CPU changed pretrain.py
-    full = subprocess.run(["git", "rev-parse", "--verify", "-q", old + "^{commit}"], cwd=ROOT, capture_output=True,
-                          text=True).stdout.strip()
-    if not head or not full:
-        pytest.skip("needs the project's git history")
-    record = {"commit": head, "modified": False}
-    made = {"pretraining": [{"machine": record}, {"machine": {**record, "commit": full}}, {}], "evaluation": []}
-    line = report.code_line(made)
-    assert line.startswith(f"Code: 1 file from commit {head[:7]}; 1 file from commit {old}, whose training or "
-                           f"evaluation code differs from this checkout's (") and "pretrain.py" in line, line
-    assert line.endswith("; 1 file without a recorded commit."), line
+def test_a_preset_file_can_read_another_and_the_commands_are_resolved_by_the_scripts_parsers():
+    """cifar10 is the fmnist preset on CIFAR-10: its files read fmnist's (@FILE) and its --data, given last, wins.
+    The commands a study runs are the preset's flags as the scripts' own parsers read them, each flag once."""
+    fmnist = jobs.Study("fmnist", ["resnet18"]).pretrain_command("resnet18", "small", 0, "OUT")
+    cifar = jobs.Study("cifar10", ["resnet18"]).pretrain_command("resnet18", "small", 0, "OUT")
+    assert cifar == [w if w != "fashionmnist" else "cifar10" for w in fmnist]
+    demo = jobs.Study("demo", ["resnet18"]).pretrain_command("resnet18", "small", 0, "OUT")
+    import pretrain
+    args = pretrain.get_args(["@presets/demo/pretrain.args", "@recipes/small.args", "@presets/demo/small.args",
+                              "--arch", "resnet18", "--seed", "0", "--out", "OUT", "--resume"])
+    assert vars(pretrain.get_args(demo[1:])) == vars(args)  # the resolved command means the @FILE one
+    assert len([w for w in demo if w.startswith("--")]) == len({w for w in demo if w.startswith("--")})
