@@ -66,6 +66,8 @@ def get_args(argv=None):
     a("--workers", type=count(0, 256), default=os.cpu_count(), help="DataLoader workers of the torchvision backend")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     a("--no-compare", action="store_true", help="time the default configuration only (no backend or format ratios)")
+    a("--workaround-only", action="store_true",
+      help="CPU: of the comparisons, only the default configuration against plain nn.Conv2d (models.SmallMapConv2d)")
     a("--primitives", type=count(0, 1000), default=0, metavar="N",
       help="CPU: the N oneDNN implementations (with pass and shape) that take the most time in a step, with "
            "models.SmallMapConv2d's workaround and without it")
@@ -309,7 +311,9 @@ def bench_arch(args, arch, img_size, device):
                moco_overhead=(phases["step"] - fwd_bwd - sgd) / fwd_bwd)
     if device.type == "cuda":
         row["peak_memory_mb"] = peak
-    if not args.no_compare:
+    if device.type == "cpu" and args.workaround_only and not args.no_compare:
+        row.update(workaround_comparison(train, targs, device, args, first))
+    elif not args.no_compare:
         # the default (--amp auto) is bf16 on CUDA and fp32 on a CPU: the other one is timed beside it, and fp16
         # with its gradient scaler (a GPU without bf16 runs it; a CPU only to test that path)
         other = ("fp32", {"amp": "off"}) if device.type == "cuda" else ("bf16", {"amp": "bf16"})

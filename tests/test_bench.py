@@ -100,3 +100,12 @@ def test_the_primitive_table_sums_onednns_own_lines_per_step():
     assert [(r["implementation"], r["pass"], r["calls"], r["ms"], r["share"]) for r in rows] == [
         ("x64:gemm:jit", "backward_weights", 2, pytest.approx(50.0), pytest.approx(0.5)),
         ("jit:avx2", "forward_training", 1, pytest.approx(4.0), pytest.approx(0.04))]
+
+
+def test_workaround_only_times_the_default_against_plain_convolutions_alone(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(CPU + ["--arch", "mobilenetv3_small", "--batch-size", "16", "--moco-k", "64", "--warmup", "1",
+                      "--steps", "1", "--workers", "0", "--workaround-only", "--json", str(out)])
+    (row,) = json.loads(out.read_text())
+    assert row["workaround_speedup"] > 0 and row["plain_conv_images_per_s"] > 0
+    assert "torchvision_images_per_s" not in row and "bf16_over_fp32" not in row
