@@ -5,15 +5,17 @@
 OUT/study.json (written by study.py) names the preset, the networks, the seeds, the invocation and the slices that
 ran it. A run or reference is tabled when it has finished and its recorded commands mean what today's preset runs
 (engine/jobs.py decides); the others are named, not tabled. OUT/notes.json, where there is one, holds sentences
-written by hand after looking (the study's, the neighbours pictures'). The tables and their words are
-engine/report.py's, the figure engine/figure.py's, the statistics engine/stats.py's.
+written by hand after looking (the study's, the neighbours pictures') and may name, under "shorter", the folder of a
+study of the same runs at a smaller budget (results/demo24's: ../demo): then RESULTS.md sets the two side by side and
+budget.svg draws kNN against epochs. The tables and their words are engine/report.py's, the figures
+engine/figure.py's, the statistics engine/stats.py's.
 """
 import argparse
 import os
 
 import data
 from engine import jobs
-from engine.figure import figure
+from engine.figure import budget_figure, figure
 from engine.report import Results, load, markdown, write_csv
 
 
@@ -55,13 +57,33 @@ def main(argv=None):
                          f"commands for presets/{study['preset']}, and the raw pixels, so there is no table to build "
                          f"(not finished: {', '.join(study['missing'])}).")
     res = Results(study, seeds)
+    other = shorter(args.out, study, seeds)
     write_csv(res, f"{args.out}/results.csv")
-    table = markdown(res)
+    table = markdown(res, other)
     with open(f"{args.out}/RESULTS.md", "w") as f:
         f.write(table)
     print(table, end="")
     figure(res, f"{args.out}/results.svg")
     print(f"figure: {args.out}/results.svg")
+    if other:
+        budget_figure(res, other, f"{args.out}/budget.svg")
+        print(f"figure: {args.out}/budget.svg")
+
+
+def shorter(out, study, seeds):
+    """The Results of the study notes.json names under "shorter", for the networks and seeds both have finished, or
+    None."""
+    link = study["notes"].get("shorter")
+    if not link:
+        return None
+    folder = os.path.normpath(os.path.join(out, link))
+    other = load(os.path.join(folder, "study.json"))
+    other.update(out=folder, out_link=link, notes={})
+    planned = {a: list(range(other["seeds"])) if a in other["seeds_archs"] else [0] for a in other["archs"]}
+    done, _ = finished(folder, planned, other["preset"])
+    common = {a: [s for s in seeds[a] if s in done.get(a, [])] for a in study["archs"]}
+    other["archs"] = [a for a in study["archs"] if common[a]]
+    return Results(other, {a: common[a] for a in other["archs"]}) if other["archs"] else None
 
 
 if __name__ == "__main__":

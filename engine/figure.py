@@ -192,3 +192,47 @@ def curve_panels(res):
                 panel.dots(c[key], colour, opacity)
         panels.append(panel)
     return panels
+
+
+def budget_figure(res, other, path):
+    """budget.svg: per network, kNN against epochs for the runs of both budgets. Lines: each run's kNN monitor (its
+    own bank and queries, pretrain.py's --knn-subset); points: each run's final kNN on the tables' bank and queries,
+    at its last epoch, against raw pixels on the same (dashed). Solid: small-model recipe; dashed: baseline; the
+    other budget's runs light."""
+    panels, width = [], (1000 - 70 - 30 - 70 * (len(res.archs) - 1)) / len(res.archs)
+    for i, arch in enumerate(res.archs):
+        runs = [(r, 1.0) for r in res.rows if r["arch"] == arch] + [(r, 0.35) for r in other.rows
+                                                                    if r["arch"] == arch]
+        curves = [(r, opacity, [(x["epoch"], x["knn_top1"]) for x in read_log(
+            f"{study['out']}/{r['arch']}_{r['recipe']}_s{r['seed']}/log.jsonl") if "knn_top1" in x])
+            for (r, opacity), study in zip(runs, [res.study] * len(res.rows) + [other.study] * len(other.rows))]
+        finals = [(r["epochs"], r["knn"]) for r, _ in runs]
+        values = [v for *_, c in curves for _, v in c] + [v for _, v in finals] + [res.refs["pixels"]]
+        epochs = [e for *_, c in curves for e, _ in c] + [e for e, _ in finals]
+        panel = Panel(70 + i * (width + 70), 40, width, 300, (0, max(epochs) * 1.03), limits(values, 0.06), arch,
+                      "kNN top-1 (%)")
+        panel.xticks(sorted({e for e, _ in finals} | {0}), "epoch")
+        panel.line([(0, res.refs["pixels"]), (max(epochs) * 1.03, res.refs["pixels"])], "#444", dashed=True)
+        colour = COLOURS[i % 8]
+        for r, opacity, curve in curves:
+            if curve:
+                panel.line(curve, colour, dashed=r["recipe"] == "baseline", opacity=opacity)
+        for r, opacity in runs:
+            fill = colour if r["recipe"] == "small" else "white"
+            panel.parts.append(f'<circle cx="{panel.x(r["epochs"]):.1f}" cy="{panel.y(r["knn"]):.1f}" r="3.5" '
+                               f'fill="{fill}" fill-opacity="{opacity}" stroke="{colour}" stroke-opacity="{opacity}"/>')
+        panels.append(panel)
+    lines = legend(70, 400, [
+        (svg_line("0,6 24,6", "#555"), "small-model recipe: its kNN monitor per epoch (its own 5k bank and queries "
+                                       "in the demo presets)"),
+        (svg_line("0,6 24,6", "#555", dashed=True), "baseline: the same"),
+        ('<circle cx="6" cy="6" r="3.5" fill="#555" stroke="#555"/><circle cx="18" cy="6" r="3.5" fill="white" '
+         'stroke="#555"/>', "the final kNN of each run (small filled, baseline hollow) on the tables' bank and test "
+                            "images"),
+        (svg_line("0,6 24,6", "#444", dashed=True), f"raw pixels on the same ({res.refs['pixels']:.2f})"),
+        ("", f"dark: {statistics.mean(r['epochs'] for r in res.rows):g} epochs (this study); light: "
+             f"{statistics.mean(r['epochs'] for r in other.rows):g} epochs, the same seeds")])
+    body = "\n".join(part for p in panels for part in p.parts) + "\n" + "\n".join(lines)
+    with open(path, "w") as f:
+        f.write(f'<svg xmlns="http://www.w3.org/2000/svg" width="1000" height="500" font-family="sans-serif" '
+                f'font-size="11">\n<rect width="100%" height="100%" fill="white"/>\n{body}\n</svg>\n')

@@ -192,28 +192,31 @@ def t_cells(diffs):
             f"{interval(diffs)} | {t:+.1f} | {'yes' if beyond else 'no'}")
 
 
+def group(pairs):
+    """{"beyond up", "beyond down", "within", "one seed"}: 'name (+mean, t x)' for each (name, diffs) pair."""
+    out = collections.defaultdict(list)
+    for name, diffs in pairs:
+        t, beyond = paired(diffs)
+        mean = statistics.mean(diffs)
+        key = "one seed" if t is None else ("beyond up" if mean > 0 else "beyond down") if beyond else "within"
+        out[key].append(f"{name} ({mean:+.2f}" + ("" if t is None else f", 95% interval {interval(diffs)}, "
+                                                            f"t {t:+.1f}") + ")")
+    return out
+
+
+def sentence(subject, g, up, down):
+    """A finding in words from group(): what is beyond the seed spread either way, what is within, what has one seed."""
+    parts = [f"{up} {', '.join(g['beyond up'])}" if g["beyond up"] else "",
+             f"{down} {', '.join(g['beyond down'])}" if g["beyond down"] else "",
+             f"within the seed spread for {', '.join(g['within'])}" if g["within"] else "",
+             f"one seed, so not measured, for {', '.join(g['one seed'])}" if g["one seed"] else ""]
+    return f"- **{subject}**: " + "; ".join(p for p in parts if p) + "."
+
+
 def findings(rows, refs, archs):
     """The tables in words, worked out from the numbers so that a rebuilt table cannot keep a stale sentence: which
     differences are beyond the seed spread (a paired t-test at 5%, two-sided), which are not, which rest on one seed,
     and how likely one "beyond" among several comparisons is by chance alone."""
-    def group(pairs):
-        """{"beyond up", "beyond down", "within", "one seed"}: 'name (+mean, t x)' for each (name, diffs) pair."""
-        out = collections.defaultdict(list)
-        for name, diffs in pairs:
-            t, beyond = paired(diffs)
-            mean = statistics.mean(diffs)
-            key = "one seed" if t is None else ("beyond up" if mean > 0 else "beyond down") if beyond else "within"
-            out[key].append(f"{name} ({mean:+.2f}" + ("" if t is None else f", 95% interval {interval(diffs)}, "
-                                                                f"t {t:+.1f}") + ")")
-        return out
-
-    def sentence(subject, g, up, down):
-        parts = [f"{up} {', '.join(g['beyond up'])}" if g["beyond up"] else "",
-                 f"{down} {', '.join(g['beyond down'])}" if g["beyond down"] else "",
-                 f"within the seed spread for {', '.join(g['within'])}" if g["within"] else "",
-                 f"one seed, so not measured, for {', '.join(g['one seed'])}" if g["one seed"] else ""]
-        return f"- **{subject}**: " + "; ".join(p for p in parts if p) + "."
-
     def per_run(value):
         return [(f"{a} {rc}", [value(r) for r in rows if r["arch"] == a and r["recipe"] == rc])
                 for a in archs for rc in RECIPES]
@@ -267,12 +270,67 @@ def linear_protocol(linear):
             f"top-1 on the test images (not an epoch picked on them)")
 
 
-def markdown(res):
-    """RESULTS.md: what ran and how to read it, then the tables, the tables in words, the neighbours pictures and how
-    the study ran."""
+def markdown(res, other=None):
+    """RESULTS.md: what ran and how to read it, then the tables, the tables in words (with `other`, the Results of
+    the same runs at another budget: those side by side), the neighbours pictures and how the study ran."""
     return "\n".join(header(res) + summary(res) + references(res) + pretrained(res) + recipe_table(res)
-                     + learned(res) + ["", "## The tables in words", ""] + findings(res.rows, res.refs, res.archs)
+                     + learned(res) + (budget(res, other) if other else [])
+                     + ["", "## The tables in words", ""] + findings(res.rows, res.refs, res.archs)
+                     + (budget_findings(res, other) if other else [])
                      + neighbours_section(res.study, res.rows, res.archs) + slices_section(res.study)) + "\n"
+
+
+def same_runs(res, other):
+    """[(arch, recipe, seed, this study's row, the other's row)] for the runs both studies made."""
+    theirs = {(r["arch"], r["recipe"], r["seed"]): r for r in other.rows}
+    return [(r["arch"], r["recipe"], r["seed"], r, theirs[r["arch"], r["recipe"], r["seed"]]) for r in res.rows
+            if (r["arch"], r["recipe"], r["seed"]) in theirs]
+
+
+def budget_diffs(res, other, arch, recipe, key):
+    """This study's figure minus the other's, per seed of (arch, recipe), in seed order."""
+    return [mine[key] - theirs[key] for a, rc, _, mine, theirs in same_runs(res, other) if (a, rc) == (arch, recipe)]
+
+
+def budget(res, other):
+    """The same networks, recipes and seeds after the other study's epochs and after this one's, side by side, with
+    the paired difference (the same seed: its initialisation, image order and augmentation draws)."""
+    mine, theirs = epochs_of(res), epochs_of(other)
+    lines = ["", f"## {theirs:g} and {mine:g} epochs, the same seeds", "",
+             f"The same runs at {theirs:g} epochs: [{other.study['out_link']}]({other.study['out_link']}/RESULTS.md) "
+             f"(its numbers as tracked there); the difference is paired by seed. Raw pixels: "
+             f"{res.refs['pixels']:.2f} here, {other.refs['pixels']:.2f} there. ![kNN against epochs](budget.svg)", "",
+             f"| network | recipe | seeds | kNN, {theirs:g} epochs | kNN, {mine:g} epochs | {mine:g} - {theirs:g}, per seed | "
+             f"mean ± sd | 95% interval | paired t | beyond the seed spread | linear, {theirs:g} epochs | "
+             f"linear, {mine:g} epochs | linear {mine:g} - {theirs:g}: mean ± sd | 95% interval | paired t | "
+             f"beyond the seed spread |", "|---" * 16 + "|"]
+    for arch in res.archs:
+        for recipe in RECIPES:
+            both = [(m, t) for a, rc, _, m, t in same_runs(res, other) if (a, rc) == (arch, recipe)]
+            if not both:
+                continue
+            knn, linear = (budget_diffs(res, other, arch, recipe, key) for key in ("knn", "linear_top1"))
+            lines.append(f"| {arch} | {recipe} | {len(both)} | {spread([t['knn'] for _, t in both])} | "
+                         f"{spread([m['knn'] for m, _ in both])} | {per_seed(knn)} | {spread(knn)} | {t_cells(knn)} | "
+                         f"{spread([t['linear_top1'] for _, t in both])} | "
+                         f"{spread([m['linear_top1'] for m, _ in both])} | {spread(linear)} | {t_cells(linear)} |")
+    return lines
+
+
+def budget_findings(res, other):
+    mine, theirs = epochs_of(res), epochs_of(other)
+    def diffs(key):
+        pairs = [(f"{a} {rc}", budget_diffs(res, other, a, rc, key)) for a in res.archs for rc in RECIPES]
+        return group((name, d) for name, d in pairs if d)
+
+    return ["", sentence(f"{mine:g} epochs minus {theirs:g}, the same seeds, kNN", diffs("knn"),
+                         "beyond the seed spread and up for", "beyond it and down for"),
+            sentence("The same, linear", diffs("linear_top1"), "beyond the seed spread and up for",
+                     "beyond it and down for")]
+
+
+def epochs_of(res):
+    return statistics.mean(r["epochs"] for r in res.rows)
 
 
 def header(res):

@@ -161,3 +161,32 @@ def test_the_report_says_when_results_came_from_other_training_code():
                            f"evaluation code differs from this checkout's (") and "pretrain.py" in line, line
     assert line.endswith("; 1 file without a recorded commit."), line
 
+
+
+def test_a_longer_study_is_set_beside_the_same_runs_at_the_shorter_budget(tmp_path):
+    """notes.json's "shorter" names the same runs at a smaller budget: RESULTS.md pairs each run with its own seed
+    there (this study minus that one), says which differences are beyond the seed spread, and budget.svg draws both.
+    Here the demo against a copy of itself whose resnet18 baseline kNN is 1, 2 and 3 points lower per seed."""
+    longer, shorter = tmp_path / "longer", tmp_path / "shorter"
+    for folder in (longer, shorter):
+        shutil.copytree(os.path.join(ROOT, "results", "demo"), folder)
+    lowered = []
+    for seed in range(3):
+        path = shorter / f"resnet18_baseline_s{seed}" / "knn.json"
+        results = json.load(open(path))
+        results["knn"][-1]["top1"] -= seed + 1
+        lowered.append(results["knn"][-1]["top1"])
+        json.dump(results, open(path, "w"))
+    notes = json.load(open(longer / "notes.json"))
+    json.dump({**notes, "shorter": "../shorter"}, open(longer / "notes.json", "w"))
+    proc = subprocess.run([sys.executable, "report.py", str(longer)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = (longer / "RESULTS.md").read_text()
+    assert "## 6 and 6 epochs, the same seeds" in table and "[../shorter](../shorter/RESULTS.md)" in table
+    row = next(line for line in table.splitlines()
+               if line.startswith(f"| resnet18 | baseline | 3 | {stats.spread(lowered)} |"))
+    assert "| +1.00 / +2.00 / +3.00 | 2.00 ± 1.00 | -0.48 to +4.48 | +3.5 | no |" in row, row  # t = 2 / (1 / sqrt 3)
+    assert "| resnet18 | small | 3 | 76.48 ± 0.14 | 76.48 ± 0.14 | +0.00 / +0.00 / +0.00 |" in table
+    assert "- **6 epochs minus 6, the same seeds, kNN**: within the seed spread for resnet18 baseline (+2.00" in table
+    svg = (longer / "budget.svg").read_text()
+    assert svg.startswith("<svg") and "raw pixels on the same (77.35)" in svg and ">efficientnet_b0</text>" in svg
