@@ -82,7 +82,7 @@ else
     if ! diff <(grep -v '^#' requirements.lock) <(.venv/bin/python -m pip freeze --isolated --all --exclude pip) \
          >/dev/null; then
       echo "set-up failed: .venv holds other packages than requirements.lock (pip freeze differs); see" \
-           "README, Install." >&2
+           "docs/install.md, Install." >&2
       exit 1
     fi
     works .venv/bin/python || { echo "set-up failed: .venv/bin/python cannot import torch and torchvision." >&2

@@ -236,7 +236,7 @@ def start_processes(args):
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun's agent serves one store for all its restarts: keys of their own for this attempt, or a restarted
         # worker reads a dead worker's address from the first attempt and fails (gloo: connectFullMesh, Connection
-        # refused). README, "Several GPUs"; tests/test_pretrain.py kills a worker to check.
+        # refused). docs/install.md, "torchrun restarts"; tests/test_pretrain.py kills a worker to check.
         agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
         store = dist.PrefixStore(f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", agent)
         dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
