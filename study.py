@@ -19,6 +19,7 @@ import contextlib
 import io
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -89,8 +90,22 @@ def main(argv=None):
           + f" on {where(study)}, {jobs} job(s) at once (JOBS=N to change); results in {study.out}", flush=True)
     if args.dry_run:
         return dry_run(study, args, env)
-    with one_writer(study.out, name=STUDY_LOCK):  # one study at a time in a results folder
+    with one_writer(study.out, name=STUDY_LOCK), closed_terminal_as_ctrl_c():  # one study at a time in a folder
         return run_study(study, args, env)
+
+
+@contextlib.contextmanager
+def closed_terminal_as_ctrl_c():
+    """A closed terminal (SIGHUP) is Ctrl-C while the study runs, before and after its pool too (which stops its
+    jobs the same way); where SIGHUP was ignored when the study started (nohup), it stays ignored."""
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+        yield
+        return
+    previous = signal.signal(signal.SIGHUP, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def where(study):

@@ -196,12 +196,13 @@ def study_env(tmp_path, **env):
             "CUDA_VISIBLE_DEVICES": "", "COST": "0", "JOBS": "2", **env}
 
 
-def jobs_of(tmp_path):
-    """The pids of every process whose command line names this study's folder (its jobs, and the study itself)."""
+def jobs_of(tmp_path, scripts=("pretrain.py", "knn_eval.py", "linear_eval.py")):
+    """The pids of the processes of `scripts` whose command line names this study's folder: its stages running."""
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            if str(tmp_path) in open(f"/proc/{pid}/cmdline").read() and alive(int(pid)):
+            cmdline = open(f"/proc/{pid}/cmdline").read()
+            if str(tmp_path) in cmdline and any(s in cmdline for s in scripts) and alive(int(pid)):
                 pids.append(int(pid))
         except OSError:
             pass
@@ -229,14 +230,15 @@ def test_a_study_stopped_by_a_closed_terminal_or_killed_leaves_no_job_and_its_re
         tmp_path, uninterrupted, sig):
     study = subprocess.Popen(["bash", "run_all.sh", "smoke"], cwd=ROOT, env=study_env(tmp_path),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: len(jobs_of(tmp_path)) >= 2, seconds=300)  # a job of the study is running
+    wait_for(lambda: jobs_of(tmp_path, ("pretrain.py",)), seconds=300)  # the first pretraining is running
     study.send_signal(sig)  # run_all.sh has become study.py (exec)
     out, err = study.communicate(timeout=120)
     if sig == signal.SIGHUP:
         assert study.returncode == 130 and "study: interrupted;" in out, err[-2000:]
     else:
         assert study.returncode == -signal.SIGKILL
-    wait_for(lambda: not jobs_of(tmp_path), seconds=10)  # nothing trains on unseen
+    wait_for(lambda: not jobs_of(tmp_path, ("pretrain.py", "knn_eval.py", "linear_eval.py", "study.py")),
+             seconds=10)  # nothing trains on unseen
     rerun = subprocess.run(["bash", "run_all.sh", "smoke"], cwd=ROOT, env=study_env(tmp_path), capture_output=True,
                            text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
