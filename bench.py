@@ -233,11 +233,10 @@ def profile_primitives(train, targs, device, args, workaround):
     return {"step_ms": 1e3 * seconds / args.steps, "onednn_ms": onednn_ms, "workaround": workaround, "rows": rows}
 
 
-def run_steps(train, targs, device, args, backend, parts=False, plain=False):
+def run_steps(train, targs, device, args, backend, parts=False):
     """Median seconds per phase over args.steps timed steps of pretrain.train_step, after args.warmup untimed ones.
     With parts=True each step is followed, on the same batch, by the query encoder's forward-backward alone and by
-    an SGD step alone; with plain=True also by the step and the query's forward-backward without the oneDNN
-    workaround (models.SmallMapConv2d): timed in the same loop, so that a drifting machine affects them alike."""
+    an SGD step alone: timed in the same loop, so that a drifting machine affects the step and its parts alike."""
     raw, optimizer, scaler, autocast = pretrain.build(targs, device)  # the optimizer at the peak lr
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as pretrain.py: fixed shapes, the fastest kernels
     fmt = torch.channels_last if targs.channels_last else torch.contiguous_format
@@ -261,11 +260,6 @@ def run_steps(train, targs, device, args, backend, parts=False, plain=False):
         if parts:
             timer("query_fwd_bwd", query_forward_backward, raw, x1, autocast, optimizer)
             timer("sgd", optimizer.step)
-        if plain:
-            with onednn_workaround(False):
-                timer("plain_step", pretrain.train_step, raw, x1, x2, optimizer, scaler, autocast, targs,
-                      targs.moco_m, targs.smooth)
-                timer("plain_query_fwd_bwd", query_forward_backward, raw, x1, autocast, optimizer)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
     return timer.medians(args.warmup), peak
 
@@ -289,19 +283,12 @@ def bench_arch(args, arch, img_size, device):
            "forward_mmacs": count_macs(backbone, img_size) / 1e6}
     del backbone
 
-    # on a CPU (--no-compare aside) the step without the oneDNN workaround is timed beside it, step by step
-    plain = device.type == "cpu" and not args.no_compare
-    phases, peak = run_steps(train, targs, device, args, "batched", parts=True, plain=plain)
+    phases, peak = run_steps(train, targs, device, args, "batched", parts=True)
     step_s = phases["augment"] + phases["step"]
     fwd_bwd, sgd = phases["query_fwd_bwd"], phases["sgd"]
     row.update(images_per_s=args.batch_size / step_s, step_ms=1e3 * step_s, augment_ms=1e3 * phases["augment"],
                query_fwd_bwd_ms=1e3 * fwd_bwd, rest_ms=1e3 * (phases["step"] - fwd_bwd),
                moco_overhead=(phases["step"] - fwd_bwd - sgd) / fwd_bwd)
-    if plain:  # the same steps with plain nn.Conv2d, and their query forward-backward
-        row["plain_conv_images_per_s"] = args.batch_size / (phases["augment"] + phases["plain_step"])
-        row["plain_conv_query_fwd_bwd_ms"] = 1e3 * phases["plain_query_fwd_bwd"]
-        row["workaround_speedup"] = row["images_per_s"] / row["plain_conv_images_per_s"]
-        row["workaround_query_speedup"] = row["plain_conv_query_fwd_bwd_ms"] / row["query_fwd_bwd_ms"]
     if device.type == "cuda":
         row["peak_memory_mb"] = peak
     if not args.no_compare:
@@ -316,6 +303,13 @@ def bench_arch(args, arch, img_size, device):
             with true_fp32() if name == "fp32" else nullcontext():
                 phases = run_steps(train, argparse.Namespace(**{**vars(targs), **changes}), device, args, backend)[0]
             row[f"{name}_images_per_s"] = args.batch_size / (phases["augment"] + phases["step"])
+        if device.type == "cpu":  # the same step with plain nn.Conv2d, and its query forward-backward
+            with onednn_workaround(False):
+                phases = run_steps(train, targs, device, args, "batched", parts=True)[0]
+            row["plain_conv_images_per_s"] = args.batch_size / (phases["augment"] + phases["step"])
+            row["plain_conv_query_fwd_bwd_ms"] = 1e3 * phases["query_fwd_bwd"]
+            row["workaround_speedup"] = row["images_per_s"] / row["plain_conv_images_per_s"]
+            row["workaround_query_speedup"] = row["plain_conv_query_fwd_bwd_ms"] / row["query_fwd_bwd_ms"]
         row[f"{'bf16' if device.type == 'cuda' else 'fp32'}_images_per_s"] = row["images_per_s"]
         row["batched_over_torchvision"] = row["images_per_s"] / row["torchvision_images_per_s"]
         row["channels_last_speedup"] = row["images_per_s"] / row["default_format_images_per_s"]
