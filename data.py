@@ -29,9 +29,10 @@ from PIL import Image
 DATASETS = ("fashionmnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
 AUGS = ("mocov2", "strong", "small")  # the pretraining augmentations; the aug functions also accept "linear"
 
-# Every augmentation also flips horizontally with p 0.5 and crops with aspect ratios in RATIO. Colour jitter (b, c, s, h)
-# draws brightness, contrast and saturation factors in [1 - b, 1 + b] etc. and a hue shift in [-h, h], applying the
-# four ops in a random order (torchvision's ColorJitter); then greyscale, then Gaussian blur with sigma in BLUR_SIGMA.
+# Every augmentation also flips horizontally with p 0.5 and crops with aspect ratios in RATIO. Colour jitter
+# (b, c, s, h) draws brightness, contrast and saturation factors in [1 - b, 1 + b] etc. and a hue shift in [-h, h],
+# applying the four ops in a random order (torchvision's ColorJitter); then greyscale, then Gaussian blur with sigma in
+# BLUR_SIGMA.
 Aug = namedtuple("Aug", "scale jitter p_jitter p_grey p_blur")
 AUGMENTATIONS = {
     #             crop scale     jitter (b, c, s, h)     p_jitter p_grey p_blur
@@ -96,7 +97,8 @@ class FlagParser(argparse.ArgumentParser):
         super().__init__(description=description, formatter_class=HelpFormatter, fromfile_prefix_chars="@")
 
     def convert_arg_line_to_args(self, line):
-        return [f"@{os.path.join(PROJECT, w[1:])}" if w.startswith("@") else w for w in shlex.split(line, comments=True)]
+        words = shlex.split(line, comments=True)
+        return [f"@{os.path.join(PROJECT, w[1:])}" if w.startswith("@") else w for w in words]
 
     def add_argument(self, *args, **kwargs):
         return self.kept(super().add_argument(*args, **kwargs))

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 import data
 from data import eval_resize, exit_on_unreadable_image, load_data, pil_image, view_batches
-from evaluation import (MODEL_RUN_CONTROL, add_model_flags, check_json_output, evaluated_bn, extract_features, is_png, knn_predict,
-                        load_model, machine, nearest, pick_device, settings, topk_accuracy, write_json, writing)
+from evaluation import (MODEL_RUN_CONTROL, add_model_flags, check_json_output, evaluated_bn, extract_features, is_png,
+                        knn_predict, load_model, machine, nearest, pick_device, settings, topk_accuracy, write_json,
+                        writing)
 
 BEST_NN_KS = tuple(range(1, 102, 2))
 

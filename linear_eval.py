@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import data
-from evaluation import (MODEL_RUN_CONTROL, add_model_flags, check_json_output, evaluated_bn, extract_features, load_model, machine,
-                        pick_device, save_atomic, settings, topk_accuracy, write_json, writing)
+from evaluation import (MODEL_RUN_CONTROL, add_model_flags, check_json_output, evaluated_bn, extract_features,
+                        load_model, machine, pick_device, save_atomic, settings, topk_accuracy, write_json, writing)
 
 
 def check_backbone_unchanged(backbone, reference):

@@ -69,7 +69,8 @@ def measure(study, archs, env, say=print):
     settings, else measured now (a few seconds per network and recipe) and kept there."""
     path = os.path.join(study.runs, "cost.json")
     commands = [study.pretrain_command("resnet18", r, 0, "OUT") for r in RECIPES] + [
-        study.eval_command(script, "--random-init", "--json", "OUT.json") for script in ("knn_eval.py", "linear_eval.py")]
+        study.eval_command(script, "--random-init", "--json", "OUT.json")
+        for script in ("knn_eval.py", "linear_eval.py")]
     key = {"machine": machine_key(), "threads": env.get("OMP_NUM_THREADS"), "commands": commands,
            "data_dir": study.data_dir, "per_run": study.per_run}
     kept = json.load(open(path)) if os.path.exists(path) else {}

@@ -19,7 +19,7 @@ import sys
 import time
 
 import run_state
-from engine.cost import makespan, stage_cost
+from engine.cost import job_cost, makespan, stage_cost
 from engine.jobs import replace
 from engine.presets import ROOT
 from evaluation import one_writer
@@ -43,7 +43,7 @@ class Pool:
         self.out, self.tty = out, out.isatty()
         self.finished, self.not_started, self.committed = [], [], set()
         self.interrupted = None
-        self.predicted = dict(predicted or {})
+        self.estimate = Estimate(speeds, predicted, self.finished)
         self.started = time.time()
 
     def say(self, line):
@@ -90,10 +90,11 @@ class Pool:
                 self.finished.append((job, 0.0, 0.0))
                 self.say(f"== {job.name}: done, skipped")
                 continue
-            cost = self.cost(job)
+            cost = self.estimate.cost(job)
             partner = job.partner
-            pair = max(cost, self.cost(partner)) if partner in self.queue else cost
-            if self.deadline and job not in self.committed and time.time() + pair * self.pace() > self.deadline:
+            pair = max(cost, self.estimate.cost(partner)) if partner in self.queue else cost
+            late = self.deadline and time.time() + pair * self.estimate.pace() > self.deadline
+            if late and job not in self.committed:
                 self.not_started.append(job)  # would not finish inside the box: left for the next slice
                 continue
             if partner in self.queue:
@@ -157,11 +158,47 @@ class Pool:
         self.say(f"== {time.strftime('%H:%M:%S')} {slot['job'].name}: done in {run_state.duration(took)}{predicted}; "
                  f"{self.status()}")
 
+    def status(self):
+        jobs = [j for j, _, _ in self.finished]
+        running = [s["job"] for s in self.slots if s]
+        everything = jobs + running + self.queue + self.not_started
+        runs_done, refs_done = sum(j.is_run for j in jobs), sum(not j.is_run for j in jobs)
+        runs, refs = sum(j.is_run for j in everything), sum(not j.is_run for j in everything)
+        eta = self.estimate.eta(self.queue, self.slots) if self.speeds else None
+        return (f"{runs_done} of {runs} runs and {refs_done} of {refs} references done"
+                + (f"; study ETA {run_state.duration(eta)}" if eta is not None else ""))
+
+    def progress(self):
+        line = f"-- {time.strftime('%H:%M:%S')} {self.status()}"
+        if self.tty:
+            write(self.out, "\r\033[K" + line[:max(40, shutil.get_terminal_size().columns - 1)])
+            return
+        for s in self.slots:
+            if s:
+                line += f" | {s['job'].name}: {last_line(os.path.join(s['stages'][0].results, 'output.log'))[:60]}"
+        self.say(line)
+
+    def stop_all(self, grace=30):
+        stop([s["proc"] for s in self.slots if s and s.get("proc")], grace)
+        for s in self.slots:
+            if s and s.get("log"):
+                s["log"].close()
+            if s:
+                s["held"].close()
+        self.slots = [None] * len(self.slots)
+
+
+class Estimate:
+    """The jobs' predicted seconds (`predicted`: those worked out before; the rest when first asked), corrected by
+    how the jobs `finished` so far compared with theirs, and the study's ETA from them."""
+
+    def __init__(self, speeds, predicted, finished):
+        self.speeds, self.predicted, self.finished = speeds, dict(predicted or {}), finished
+
     def cost(self, job):
         """A queued job's predicted seconds, worked out once: nothing changes what is left of it while it waits
         (the progress line asks for every queued job's each second)."""
         if job not in self.predicted:
-            from engine.cost import job_cost
             self.predicted[job] = job_cost(job, self.speeds)
         return self.predicted[job]
 
@@ -184,35 +221,10 @@ class Pool:
                 now = so_far * (total - step) / (step - slot["stage_step"])
         return now + sum(stage_cost(job, st, self.speeds) for st in later) * pace
 
-    def status(self):
-        jobs = [j for j, _, _ in self.finished]
-        running = [s["job"] for s in self.slots if s]
-        everything = jobs + running + self.queue + self.not_started
-        runs_done, refs_done = sum(j.is_run for j in jobs), sum(not j.is_run for j in jobs)
-        runs, refs = sum(j.is_run for j in everything), sum(not j.is_run for j in everything)
-        eta = makespan([self.cost(j) * self.pace() for j in self.queue], len(self.slots),
-                       [self.remaining(s) for s in self.slots if s]) if self.speeds else None
-        return (f"{runs_done} of {runs} runs and {refs_done} of {refs} references done"
-                + (f"; study ETA {run_state.duration(eta)}" if eta is not None else ""))
-
-    def progress(self):
-        line = f"-- {time.strftime('%H:%M:%S')} {self.status()}"
-        if self.tty:
-            write(self.out, "\r\033[K" + line[:max(40, shutil.get_terminal_size().columns - 1)])
-            return
-        for s in self.slots:
-            if s:
-                line += f" | {s['job'].name}: {last_line(os.path.join(s['stages'][0].results, 'output.log'))[:60]}"
-        self.say(line)
-
-    def stop_all(self, grace=30):
-        stop([s["proc"] for s in self.slots if s and s.get("proc")], grace)
-        for s in self.slots:
-            if s and s.get("log"):
-                s["log"].close()
-            if s:
-                s["held"].close()
-        self.slots = [None] * len(self.slots)
+    def eta(self, queue, slots):
+        """Seconds until the slots have worked through the queue, each running job's remaining() first."""
+        return makespan([self.cost(j) * self.pace() for j in queue], len(slots),
+                        [self.remaining(s) for s in slots if s])
 
 
 # ----- the stages' processes ------------------------------------------------------------------------------------------

@@ -300,7 +300,8 @@ def budget(res, other):
              f"The same runs at {theirs:g} epochs: [{other.study['out_link']}]({other.study['out_link']}/RESULTS.md) "
              f"(its numbers as tracked there); the difference is paired by seed. Raw pixels: "
              f"{res.refs['pixels']:.2f} here, {other.refs['pixels']:.2f} there. ![kNN against epochs](budget.svg)", "",
-             f"| network | recipe | seeds | kNN, {theirs:g} epochs | kNN, {mine:g} epochs | {mine:g} - {theirs:g}, per seed | "
+             f"| network | recipe | seeds | kNN, {theirs:g} epochs | kNN, {mine:g} epochs | "
+             f"{mine:g} - {theirs:g}, per seed | "
              f"mean ± sd | 95% interval | paired t | beyond the seed spread | linear, {theirs:g} epochs | "
              f"linear, {mine:g} epochs | linear {mine:g} - {theirs:g}: mean ± sd | 95% interval | paired t | "
              f"beyond the seed spread |", "|---" * 16 + "|"]

@@ -122,7 +122,7 @@ def sleeping_job(tmp_path, monkeypatch):
     job = jobs.Line(st, "pixels").jobs[0]
     stage = jobs.Stage(["-c", "import time; time.sleep(300)"], str(tmp_path / "never.json"), str(tmp_path / "res"))
     monkeypatch.setattr(job, "left", lambda: jobs.Left(str(tmp_path / "res"), None, None, [stage]))
-    monkeypatch.setattr(pool.Pool, "cost", lambda self, job: 0.0)
+    monkeypatch.setattr(pool.Estimate, "cost", lambda self, job: 0.0)
     return st, job
 
 

@@ -404,7 +404,7 @@ def sleeping_job(tmp_path, monkeypatch):
     job = jobs.Line(st, "pixels").jobs[0]
     stage = jobs.Stage(["-c", "import time; time.sleep(300)"], str(tmp_path / "never.json"), str(tmp_path / "res"))
     monkeypatch.setattr(job, "left", lambda: jobs.Left(str(tmp_path / "res"), None, None, [stage]))
-    monkeypatch.setattr(pool.Pool, "cost", lambda self, job: 0.0)
+    monkeypatch.setattr(pool.Estimate, "cost", lambda self, job: 0.0)
     return st, job
 
 
@@ -427,11 +427,12 @@ def test_the_eta_follows_a_running_pretraining_by_its_steps(tmp_path):
                                     presets.RECIPES} | {"eval_image_s": 0.0, "eval_start_s": 0.0, "classes": 10}}
     p = pool.Pool(st, [], speeds, {})
     slot = {"job": job, "stages": [stage], "stage_start": time.time() - 60, "stage_step": 0}
-    assert p.remaining(slot) == pytest.approx(400 - 60, abs=1)  # nothing logged: the prediction, 400 s, less 60
+    # nothing logged: the prediction, 400 s, less the 60 s it has run
+    assert p.estimate.remaining(slot) == pytest.approx(400 - 60, abs=1)
     os.makedirs(stage.run)
     with open(os.path.join(stage.run, "log.jsonl"), "w") as f:
         f.write(json.dumps({"epoch": 0, "step": 100, "loss": 1.0}) + "\n")
-    assert p.remaining(slot) == pytest.approx(180, abs=1)
+    assert p.estimate.remaining(slot) == pytest.approx(180, abs=1)
 
 
 def test_a_resumed_run_is_predicted_to_take_what_is_left_of_it(tmp_path):
