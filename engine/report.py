@@ -106,8 +106,7 @@ def slices_section(study):
                   "|---|---|---|---|---|---|---|"]
         for i, sl in enumerate(study["slices"], 1):
             m = sl.get("machine") or {}
-            where = (f"{m['gpu']} x {m['gpus']}" if m.get("gpus") else
-                     f"{m.get('cpu')} ({' '.join(m.get('cpu_flags', [])) or 'no AVX2'}, {m.get('cores')} cores)")
+            where = machine_words(m, bool(m.get("gpus")), threads=False)
             lines.append(f"| {i} | `{sl['invocation']}` | {where} | {sl.get('jobs')} | {len(sl.get('finished', []))} "
                          f"| {minutes(sl.get('predicted_s'))} | {minutes(sl.get('seconds'))} |")
     if study.get("missing"):
@@ -125,12 +124,17 @@ def machine_name(results):
     for work on a GPU, else the CPU's model, its instruction sets of evaluation.CPU_FLAGS, the cores it could use
     and torch's threads; None for a file without a record (written before there was one)."""
     m = results.get("machine")
-    if not m:
-        return None
-    if results.get("device", "").startswith("cuda"):
+    return machine_words(m, results.get("device", "").startswith("cuda")) if m else None
+
+
+def machine_words(m, on_gpu, threads=True):
+    """A machine record in words: the GPU's name and count, or the CPU's model, its instruction sets of
+    evaluation.CPU_FLAGS and the cores it could use (and torch's threads)."""
+    if on_gpu:
         return f"{m['gpu']} x {m['gpus']}"
-    return (f"{m['cpu']} ({' '.join(m['cpu_flags']) or 'no AVX2'}, {plural(m['cores'], 'core')} / "
-            f"{plural(m['threads'], 'thread')})")
+    used = f"{plural(m.get('cores'), 'core')} / {plural(m.get('threads'), 'thread')}" if threads else \
+        f"{m.get('cores')} cores"
+    return f"{m.get('cpu')} ({' '.join(m.get('cpu_flags', [])) or 'no AVX2'}, {used})"
 
 
 # the code a result depends on: the method, the data, the evaluations (not the study's machinery or the report)
