@@ -136,12 +136,12 @@ def stage_cost(job, st, speeds):
 def breakdown(jobs, speeds):
     """Predicted seconds of pretraining, of the runs' evaluations and of the references (raw pixels included), one
     job after another: what the study's cost is made of."""
-    parts = {"pretraining": 0.0, "evaluation": 0.0, "references": 0.0}
+    seconds = {"pretraining": 0.0, "evaluation": 0.0, "references": 0.0}
     for job in jobs:
         for st in job.left().stages:
             kind = "pretraining" if st.script == "pretrain.py" else "evaluation" if job.is_run else "references"
-            parts[kind] += stage_cost(job, st, speeds)
-    return parts
+            seconds[kind] += stage_cost(job, st, speeds)
+    return seconds
 
 
 def makespan(costs, slots, running=()):
