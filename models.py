@@ -499,7 +499,7 @@ def build_backbone(name, small_stem=False):
         raise SystemExit(f"unknown architecture '{name}'; choose one of: {', '.join(ARCHS)}")
     model, dim = BACKBONES[name](small_stem=small_stem)
     for m in model.modules():
-        if type(m) is nn.Conv2d and m.padding != (0, 0):
+        if type(m) is nn.Conv2d and isinstance(m.padding, tuple) and m.padding != (0, 0):
             m.__class__ = SmallMapConv2d  # in place: no new parameters, no random numbers drawn
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -548,6 +548,8 @@ def live_taps(size, kernel, stride, padding):
     pads)."""
     out = (size + 2 * padding - kernel) // stride + 1
     live = [i for i in range(kernel) if any(0 <= o * stride - padding + i < size for o in range(out))]
+    if not live:  # every output sees padding alone (padding wider than the kernel): nothing to leave out
+        return 0, kernel, padding, None
     first, stop = live[0], live[-1] + 1
     lead = padding - first
     if (size + 2 * lead - (stop - first)) // stride + 1 == out:

@@ -12,6 +12,7 @@ engine/figure.py's, the statistics engine/stats.py's.
 """
 import argparse
 import os
+import sys
 
 import data
 from engine import jobs
@@ -30,9 +31,10 @@ def finished(out, planned, preset):
     for arch, seeds in planned.items():
         for seed in seeds:
             lines = [jobs.Line(study, kind, arch, seed) for kind in ("run", "refs")]
-            if all(line.current() for line in lines):
+            current = [line.current() for line in lines]  # each hashes the checkpoints there: once
+            if all(current):
                 done.setdefault(arch, []).append(seed)
-            missing += [line.name for line in lines if not line.current()]
+            missing += [line.name for line, ok in zip(lines, current) if not ok]
     if not jobs.Line(study, "pixels").current():
         missing.append("pixels")
     return done, missing
@@ -62,12 +64,15 @@ def main(argv=None):
     table = markdown(res, other)
     with open(f"{args.out}/RESULTS.md", "w") as f:
         f.write(table)
-    print(table, end="")
     figure(res, f"{args.out}/results.svg")
-    print(f"figure: {args.out}/results.svg")
+    figures = [f"{args.out}/results.svg"]
     if other:
         budget_figure(res, other, f"{args.out}/budget.svg")
-        print(f"figure: {args.out}/budget.svg")
+        figures.append(f"{args.out}/budget.svg")
+    elif os.path.exists(f"{args.out}/budget.svg"):  # no longer set beside another study: no stale figure
+        os.remove(f"{args.out}/budget.svg")
+    print(table, end="")  # every file written first: a terminal that has gone loses the print alone
+    print(f"figures: {', '.join(figures)}")
 
 
 def shorter(out, study, seeds):
@@ -77,13 +82,20 @@ def shorter(out, study, seeds):
     if not link:
         return None
     folder = os.path.normpath(os.path.join(out, link))
+    if not os.path.isfile(os.path.join(folder, "study.json")):
+        raise SystemExit(f"{out}/notes.json names \"shorter\": {link}, and {folder}/study.json does not exist: name "
+                         f"the results folder of the shorter study, relative to {out}.")
     other = load(os.path.join(folder, "study.json"))
     other.update(out=folder, out_link=link, notes={})
     planned = {a: list(range(other["seeds"])) if a in other["seeds_archs"] else [0] for a in other["archs"]}
-    done, _ = finished(folder, planned, other["preset"])
+    done, missing = finished(folder, planned, other["preset"])
     common = {a: [s for s in seeds[a] if s in done.get(a, [])] for a in study["archs"]}
     other["archs"] = [a for a in study["archs"] if common[a]]
-    return Results(other, {a: common[a] for a in other["archs"]}) if other["archs"] else None
+    if "pixels" in missing or not other["archs"]:
+        print(f"{folder} has no finished runs of these networks and seeds with its raw pixels: not set beside.",
+              file=sys.stderr)
+        return None
+    return Results(other, {a: common[a] for a in other["archs"]})
 
 
 if __name__ == "__main__":

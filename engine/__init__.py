@@ -7,7 +7,7 @@ report.py at the repository's root are its commands; run_all.sh calls study.py a
     pool.py      the jobs on JOBS slots as processes, the time box, stopping, the progress line and its ETA
     report.py    the tables and their words, from the jobs' files (RESULTS.md, results.csv)
     stats.py     the statistics of the tables: paired t, one-sample t, 95% intervals, the sign test
-    figure.py    results.svg
+    figure.py    results.svg, and budget.svg where a study is set beside the same runs at a shorter budget
 
 The words: a study grows over slices (one invocation each, time-boxed or not); its jobs are runs (one recipe's
 pretraining of a network and seed with its kNN and linear evaluation), references (a network and seed untrained,

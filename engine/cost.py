@@ -54,8 +54,9 @@ def probe_evaluation(study, arch, env):
     """(seconds per image through the network in evaluation, seconds to start, the data set's classes):
     knn_eval.py on a small bank."""
     with tempfile.TemporaryDirectory() as tmp:
-        argv = study.eval_command("knn_eval.py", "--arch", arch, "--random-init", *study.data_flags(), "--subset",
-                                  "512", "--test-subset", "256", "--k", "20", "--json", os.path.join(tmp, "knn.json"))
+        argv = study.eval_command("knn_eval.py", ["--arch", arch, "--random-init", *study.data_flags()],
+                                  ["--subset", "512", "--test-subset", "256", "--k", "20", "--json",
+                                   os.path.join(tmp, "knn.json")])
         start = time.time()
         proc = subprocess.run([study.python] + argv, cwd=ROOT, env=env, capture_output=True, text=True)
         if proc.returncode:
@@ -69,7 +70,7 @@ def measure(study, archs, env, say=print):
     settings, else measured now (a few seconds per network and recipe) and kept there."""
     path = os.path.join(study.runs, "cost.json")
     commands = [study.pretrain_command("resnet18", r, 0, "OUT") for r in RECIPES] + [
-        study.eval_command(script, "--random-init", "--json", "OUT.json")
+        study.eval_command(script, ["--random-init"], ["--json", "OUT.json"])
         for script in ("knn_eval.py", "linear_eval.py")]
     key = {"machine": machine_key(), "threads": env.get("OMP_NUM_THREADS"), "commands": commands,
            "data_dir": study.data_dir, "per_run": study.per_run}

@@ -1,11 +1,12 @@
-"""results.svg, the study's figure, as SVG: no plotting package needed. Top: kNN of every run, a dot per seed with
-the mean +- sd, beside the network untrained and raw pixels; the small-model recipe minus the baseline paired by seed,
-with the 95% interval of its mean. Bottom: the health curves, pretext accuracy and the kNN monitor per epoch."""
+"""The study's figures, as SVG: no plotting package needed. results.svg: top, kNN of every run, a dot per seed with
+the mean +- sd, beside the network untrained and raw pixels, and the small-model recipe minus the baseline paired by
+seed with the 95% interval of its mean; bottom, the health curves, pretext accuracy and the kNN monitor per epoch.
+budget.svg (a study set beside the same runs at a shorter budget): kNN against epochs."""
 import math
 import statistics
 
 from engine.presets import RECIPES
-from engine.report import read_log, recipe_effect
+from engine.report import epochs_of, load, read_log, recipe_effect
 from engine.stats import confidence
 
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
@@ -223,16 +224,24 @@ def budget_figure(res, other, path):
                                f'fill="{fill}" fill-opacity="{opacity}" stroke="{colour}" stroke-opacity="{opacity}"/>')
         panels.append(panel)
     lines = legend(70, 400, [
-        (svg_line("0,6 24,6", "#555"), "small-model recipe: its kNN monitor per epoch (its own 5k bank and queries "
-                                       "in the demo presets)"),
+        (svg_line("0,6 24,6", "#555"), f"small-model recipe: its kNN monitor per epoch ({monitor_bank(res, other)})"),
         (svg_line("0,6 24,6", "#555", dashed=True), "baseline: the same"),
         ('<circle cx="6" cy="6" r="3.5" fill="#555" stroke="#555"/><circle cx="18" cy="6" r="3.5" fill="white" '
          'stroke="#555"/>', "the final kNN of each run (small filled, baseline hollow) on the tables' bank and test "
                             "images"),
         (svg_line("0,6 24,6", "#444", dashed=True), f"raw pixels on the same ({res.refs['pixels']:.2f})"),
-        ("", f"dark: {statistics.mean(r['epochs'] for r in res.rows):g} epochs (this study); light: "
-             f"{statistics.mean(r['epochs'] for r in other.rows):g} epochs, the same seeds")])
+        ("", f"dark: {epochs_of(res):g} epochs (this study); light: {epochs_of(other):g} epochs, the same seeds")])
     body = "\n".join(part for p in panels for part in p.parts) + "\n" + "\n".join(lines)
     with open(path, "w") as f:
         f.write(f'<svg xmlns="http://www.w3.org/2000/svg" width="1000" height="500" font-family="sans-serif" '
                 f'font-size="11">\n<rect width="100%" height="100%" fill="white"/>\n{body}\n</svg>\n')
+
+
+def monitor_bank(res, other):
+    """The kNN monitor's bank and queries in words (pretrain.py's --knn-subset, from every run's summary.json), and
+    whether the two studies' differ, which would make their curves incomparable."""
+    subsets = {study["out"]: {load(f"{study['out']}/{r['arch']}_{r['recipe']}_s{r['seed']}/summary.json")["args"].get(
+        "knn_subset") for r in rows} for study, rows in ((res.study, res.rows), (other.study, other.rows))}
+    mine, theirs = (", ".join(sorted(str(v or "all") for v in s)) for s in subsets.values())
+    return (f"{mine} images of bank and queries" if mine == theirs else
+            f"NOT comparable: {mine} images of bank and queries here, {theirs} there")

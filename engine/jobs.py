@@ -55,7 +55,7 @@ class Study:
         self.gpus, self.jobs = gpus, jobs
         self.per_run = gpus if gpus > 1 and jobs == 1 else 1  # processes per pretraining (torchrun over the GPUs)
         self.pretrain_args = pretrain.get_args([presets.flag_file(preset, "pretrain")])
-        self.eval_args = script_module("knn_eval.py").get_args(["--random-init", presets.flag_file(preset, "eval")])
+        self.eval_args = script_module("knn_eval.py").get_args([presets.flag_file(preset, "eval")])
 
     def data_flags(self, stem=True):
         a = self.pretrain_args
@@ -79,9 +79,11 @@ class Study:
                         + (["--data-dir", self.data_dir] if self.data_dir else [])
                         + ["--seed", str(seed), "--out", out, "--resume"])
 
-    def eval_command(self, script, *flags):
+    def eval_command(self, script, first, last=()):
+        """An evaluation: the job's `first` flags (the network, the data), then the preset's eval.args (and
+        linear.args), which may override them, then the job's `last` (the outputs, what to report)."""
         own = [presets.flag_file(self.preset, "linear")] if script == "linear_eval.py" else []
-        return resolved(script, [presets.flag_file(self.preset, "eval"), *own, *flags])
+        return resolved(script, [*first, presets.flag_file(self.preset, "eval"), *own, *last])
 
     def launcher(self, script):
         if script == "pretrain.py" and self.per_run > 1:
@@ -151,22 +153,26 @@ class Job:
             ckpt = os.path.join(run, "checkpoint.pt")
             return [Stage(s.pretrain_command(self.arch, self.label, self.seed, run), os.path.join(res, "summary.json"),
                           res, run=run),
-                    Stage(s.eval_command("knn_eval.py", "--ckpt", ckpt, "--k", "20", "200", "--sweep", "--diagnostics",
-                                         "--neighbours", os.path.join(res, "neighbours.png"), "--json",
-                                         os.path.join(res, "knn.json")), os.path.join(res, "knn.json"), res, ckpt),
-                    Stage(s.eval_command("linear_eval.py", "--ckpt", ckpt, "--json", os.path.join(res, "linear.json")),
+                    Stage(s.eval_command("knn_eval.py", ["--ckpt", ckpt],
+                                         ["--k", "20", "200", "--sweep", "--diagnostics", "--neighbours",
+                                          os.path.join(res, "neighbours.png"), "--json",
+                                          os.path.join(res, "knn.json")]),
+                          os.path.join(res, "knn.json"), res, ckpt),
+                    Stage(s.eval_command("linear_eval.py", ["--ckpt", ckpt],
+                                         ["--json", os.path.join(res, "linear.json")]),
                           os.path.join(res, "linear.json"), res, ckpt)]
         if self.kind == "refs":
             def ref(*flags, png, out):
-                return Stage(s.eval_command("knn_eval.py", "--arch", self.arch, "--random-init", *flags, "--seed",
-                                            str(self.seed), *s.data_flags(), "--k", "20", "200", "--neighbours",
-                                            os.path.join(res, png), "--json", os.path.join(res, out)),
-                             os.path.join(res, out), res)
+                return Stage(s.eval_command("knn_eval.py", ["--arch", self.arch, "--random-init", *flags, "--seed",
+                                                            str(self.seed), *s.data_flags()],
+                                            ["--k", "20", "200", "--neighbours", os.path.join(res, png), "--json",
+                                             os.path.join(res, out)]), os.path.join(res, out), res)
             return [ref(png="neighbours.png", out="knn.json"),
                     ref("--precise-bn", png="neighbours_bn.png", out="knn_bn.json")]
-        return [Stage(s.eval_command("knn_eval.py", "--pixels", *s.data_flags(stem=False), "--k", "20", "200",
-                                     "--diagnostics", "--neighbours", os.path.join(res, "neighbours.png"), "--json",
-                                     os.path.join(res, "knn.json")), os.path.join(res, "knn.json"), res)]
+        return [Stage(s.eval_command("knn_eval.py", ["--pixels", *s.data_flags(stem=False)],
+                                     ["--k", "20", "200", "--diagnostics", "--neighbours",
+                                      os.path.join(res, "neighbours.png"), "--json", os.path.join(res, "knn.json")]),
+                      os.path.join(res, "knn.json"), res)]
 
     def left(self):
         """What is left to do, and where: a run whose finished results a new pretraining would replace works in
@@ -181,12 +187,13 @@ class Job:
             if os.path.isdir(staging[0]) or (retrain and os.path.exists(os.path.join(res, "summary.json"))):
                 staged = staging
                 todo = [st for st in self.stages(*staging) if not done(st)]
-            elif retrain and todo[0].script != "pretrain.py":
-                todo = self.stages(res, run)
         return Left(res, run, staged, todo)
 
     def done(self):
-        return not self.left().stages
+        """Nothing left to run, and no finished run waiting in .staging/ to take its place (a study stopped
+        between the two: the pool moves it)."""
+        left = self.left()
+        return not left.stages and not left.staged
 
     def current(self):
         """Its results are there and their numbers were made by today's commands (report.py tables only these)."""
@@ -224,10 +231,12 @@ def recorded(results):
             continue
         argv = words[scripts[0]:]
         argv[0] = os.path.basename(argv[0])
-        args = parsed(argv)
-        if args is None:
-            continue
-        key = "pretrain" if argv[0] == "pretrain.py" else os.path.basename(args.json or "")
+        if argv[0] == "pretrain.py":
+            key = "pretrain"
+        else:  # a command today's script cannot read still names its output: it is that stage's, and not today's
+            args = parsed(argv)
+            key = os.path.basename((args.json if args else argv[argv.index("--json") + 1] if "--json" in argv[:-1]
+                                    else None) or "")
         out[key] = (argv, launch_processes(words[:scripts[0]]))
     return out
 

@@ -87,28 +87,46 @@ class Pool:
             job = self.queue.pop(0)
             left = job.left()
             if not left.stages:
+                if left.staged:  # finished in .staging/ by a study stopped before the move: the move, now
+                    with self.hold(job, [left.staged[0]]):
+                        replace(left.staged, (left.results, left.run))
                 self.finished.append((job, 0.0, 0.0))
-                self.say(f"== {job.name}: done, skipped")
+                self.say(f"== {job.name}: done" + (", moved from .staging/ into its place" if left.staged else
+                                                   ", skipped"))
                 continue
             cost = self.estimate.cost(job)
             partner = job.partner
-            pair = max(cost, self.estimate.cost(partner)) if partner in self.queue else cost
+            if partner in self.queue:  # the pair together, side by side, or one after the other on one slot
+                pair = cost + self.estimate.cost(partner) if len(self.slots) == 1 else max(
+                    cost, self.estimate.cost(partner))
+            else:
+                pair = cost
             late = self.deadline and time.time() + pair * self.estimate.pace() > self.deadline
             if late and job not in self.committed:
                 self.not_started.append(job)  # would not finish inside the box: left for the next slice
                 continue
             if partner in self.queue:
                 self.committed.add(partner)  # the pair's other run starts in this slice too, on this machine
-            with contextlib.ExitStack() as hold:  # its results folders, before anything is written there
-                for folder in dict.fromkeys(st.results for st in left.stages):
-                    hold.enter_context(one_writer(folder, name=STUDY_LOCK, what=f"study.py, job {job.name}"))
-                held = hold.pop_all()
+            held = self.hold(job, [st.results for st in left.stages])  # before anything is written there
+            left = job.left()  # as it is now that no one else can change it
             self.slots[i] = {"job": job, "left": left, "stages": list(left.stages), "proc": None, "cost": cost,
                              "start": time.time(), "held": held}
             self.say(f"== {time.strftime('%H:%M:%S')} {job.name} -> {left.results}"
                      + (" (replacing its results when it has finished)" if left.staged else ""))
             self.launch(i)
             return
+
+    def hold(self, job, folders):
+        """The job's results folders, held (STUDY_LOCK) until the returned ExitStack is closed; a folder another
+        process holds stops the study like a failing job (the running ones stopped first) with one sentence."""
+        with contextlib.ExitStack() as hold:
+            try:
+                for folder in dict.fromkeys(folders):
+                    hold.enter_context(one_writer(folder, name=STUDY_LOCK, what=f"study.py, job {job.name}"))
+            except SystemExit:
+                self.stop_all()
+                raise
+            return hold.pop_all()
 
     def launch(self, i):
         slot = self.slots[i]
@@ -126,7 +144,10 @@ class Pool:
         slot["proc"] = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=slot["log"], stderr=subprocess.STDOUT,
                                         start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
         slot["stage_start"] = time.time()
-        slot["stage_step"] = run_state.saved_step(st.run) or 0 if st.run else 0
+        slot["stage_cost"] = stage_cost(slot["job"], st, self.speeds) if self.speeds else 0.0  # what is left now
+        # a resumed pretraining trims its log back to its checkpoint as it starts: its progress counts from the
+        # log's last step at launch, which the new session reaches again first
+        slot["stage_step"] = max(run_state.saved_step(st.run) or 0, last_step(st.run)) if st.run else 0
 
     def poll(self, i):
         slot = self.slots[i]
@@ -214,7 +235,7 @@ class Estimate:
         pace, job = self.pace(), slot["job"]
         current, *later = slot["stages"]
         so_far = time.time() - slot["stage_start"]
-        now = max(0.0, stage_cost(job, current, self.speeds) * pace - so_far)
+        now = max(0.0, slot["stage_cost"] * pace - so_far)
         if current.script == "pretrain.py":
             step, total = last_step(current.run), self.speeds[job.arch][job.label]["steps"]
             if step and step > slot["stage_step"]:
@@ -272,6 +293,8 @@ def die_with_parent(study_pid):
         return None
     prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
 
+    # preexec_fn runs between fork and exec; Python warns that it is unsafe where threads hold locks. The study's
+    # process has torch imported but runs no threads of its own, and this function calls into libc alone.
     def preexec():
         prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != study_pid:  # the study died before the call: nothing would tell this process

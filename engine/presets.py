@@ -13,7 +13,6 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = ("baseline", "small")
-FILES = ("pretrain", "baseline", "small", "eval", "linear")
 
 
 def presets():

@@ -302,8 +302,12 @@ def budget(res, other):
     mine, theirs = epochs_of(res), epochs_of(other)
     lines = ["", f"## {theirs:g} and {mine:g} epochs, the same seeds", "",
              f"The same runs at {theirs:g} epochs: [{other.study['out_link']}]({other.study['out_link']}/RESULTS.md) "
-             f"(its numbers as tracked there); the difference is paired by seed. Raw pixels: "
-             f"{res.refs['pixels']:.2f} here, {other.refs['pixels']:.2f} there. ![kNN against epochs](budget.svg)", "",
+             f"(its numbers as tracked there); the difference is paired by seed (the same initialisation, image order "
+             f"and augmentation draws). Raw pixels: {res.refs['pixels']:.2f} here, {other.refs['pixels']:.2f} there. "
+             f"Where the {theirs:g}-epoch runs were made: {machine_line(other.made)} {code_line(other.made)} Runs "
+             f"made by other code or on another machine differ by rounding from their first step, which moves a run "
+             f"about as much as another seed: the paired differences carry that too. "
+             f"![kNN against epochs](budget.svg)", "",
              f"| network | recipe | seeds | kNN, {theirs:g} epochs | kNN, {mine:g} epochs | "
              f"{mine:g} - {theirs:g}, per seed | "
              f"mean ± sd | 95% interval | paired t | beyond the seed spread | linear, {theirs:g} epochs | "
@@ -335,6 +339,7 @@ def budget_findings(res, other):
 
 
 def epochs_of(res):
+    """The epochs the study's runs trained for (their mean, one number for a preset's study)."""
     return statistics.mean(r["epochs"] for r in res.rows)
 
 

@@ -259,6 +259,15 @@ def test_the_workaround_leaves_a_training_step_as_it_was(name, isa, monkeypatch)
         torch.testing.assert_close(g_w, g, atol=1e-5 * largest, rtol=1e-4, msg=key)
 
 
+def test_a_convolution_whose_every_output_sees_padding_alone_is_left_as_it_is():
+    """Padding wider than the kernel (no backbone has it, nn.Conv2d allows it): no tap touches a pixel at some
+    outputs of every row, none at all here; SmallMapConv2d then computes as nn.Conv2d does."""
+    assert models.live_taps(1, 3, 4, 3) == (0, 3, 3, None)
+    conv = SmallMapConv2d(4, 4, 1, 2, 1, bias=False)
+    x = torch.randn(2, 4, 1, 1)
+    assert torch.equal(conv(x), torch.nn.functional.conv2d(x, conv.weight, None, 2, 1))
+
+
 def test_the_workaround_follows_onednns_isa_cap(monkeypatch):
     """The rules follow the kernels oneDNN runs: ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA) below AVX-512 means AVX2
     rules on an AVX-512 CPU; CPUs other than x86 keep nn.Conv2d; a GPU never takes the workaround."""

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -426,13 +427,60 @@ def test_the_eta_follows_a_running_pretraining_by_its_steps(tmp_path):
     speeds = {"mobilenetv3_small": {r: {"step_s": 1.0, "start_s": 0.0, "steps": 400, "images": 64} for r in
                                     presets.RECIPES} | {"eval_image_s": 0.0, "eval_start_s": 0.0, "classes": 10}}
     p = pool.Pool(st, [], speeds, {})
-    slot = {"job": job, "stages": [stage], "stage_start": time.time() - 60, "stage_step": 0}
+    slot = {"job": job, "stages": [stage], "stage_start": time.time() - 60, "stage_step": 0,
+            "stage_cost": cost.stage_cost(job, stage, speeds)}
     # nothing logged: the prediction, 400 s, less the 60 s it has run
     assert p.estimate.remaining(slot) == pytest.approx(400 - 60, abs=1)
     os.makedirs(stage.run)
     with open(os.path.join(stage.run, "log.jsonl"), "w") as f:
         f.write(json.dumps({"epoch": 0, "step": 100, "loss": 1.0}) + "\n")
     assert p.estimate.remaining(slot) == pytest.approx(180, abs=1)
+    # a resumed run whose log held step 100 at launch: its own progress counts from there (150: 50 steps in 60 s)
+    slot["stage_step"] = 100
+    assert p.estimate.remaining(slot) == pytest.approx(400 - 60, abs=1)
+    with open(os.path.join(stage.run, "log.jsonl"), "a") as f:
+        f.write(json.dumps({"epoch": 0, "step": 150, "loss": 1.0}) + "\n")
+    assert p.estimate.remaining(slot) == pytest.approx(60 * 250 / 50, abs=1)
+
+
+def test_a_run_finished_in_staging_but_not_moved_is_moved_by_the_next_study(finished, tmp_path):
+    """A study stopped between a staged run's last stage and its move (Ctrl-C, the box, SIGKILL) leaves the new run
+    complete in .staging/ and the old one in place: the next study moves it, and runs nothing."""
+    copy_of(finished, tmp_path)
+    st = jobs.Study("smoke", ["mobilenetv3_small"], seeds=2, study_dir=str(tmp_path), jobs=1)
+    job = jobs.Line(st, "run", "mobilenetv3_small", 0).jobs[1]
+    res, run = job.folders()
+    staged = (jobs.staging_dir(res), jobs.staging_dir(run))
+    for final, staging in zip((res, run), staged):
+        shutil.copytree(final, staging)
+    old = os.path.join(res, "summary.json")
+    with open(old) as f:
+        summary = json.load(f)
+    with open(old, "w") as f:
+        json.dump({**summary, "complete": False}, f)  # the old run, which the staged one replaces
+    left = job.left()
+    assert left.staged and not left.stages and not job.done()
+    assert pool.Pool(st, [job], {}, dict(os.environ)).run() == "done"
+    assert job.done() and not os.path.exists(staged[0]) and json.load(open(old))["complete"]
+
+
+def test_the_newest_recorded_command_counts_even_where_todays_script_cannot_read_it(tmp_path):
+    """command.txt keeps every command a stage ran: the last one decides, and one with a flag today's script does
+    not know is not today's (and says so), not skipped for an older one."""
+    st = jobs.Study("smoke", ["mobilenetv3_small"], study_dir=str(tmp_path), jobs=1)
+    job = jobs.Line(st, "pixels").jobs[0]
+    stage = job.left().stages[0]
+    os.makedirs(stage.results)
+    with open(stage.output, "w") as f:
+        json.dump({"knn": []}, f)
+    today = shlex.join(stage.argv)
+    with open(os.path.join(stage.results, "command.txt"), "w") as f:
+        f.write(f"python {today}\n")
+    assert jobs.done(stage)
+    with open(os.path.join(stage.results, "command.txt"), "a") as f:
+        f.write(f"python {today} --flag-of-a-later-version\n")
+    why = []
+    assert not jobs.done(stage, why) and why == ["pixels knn.json: a command today's script cannot read"], why
 
 
 def test_a_resumed_run_is_predicted_to_take_what_is_left_of_it(tmp_path):
