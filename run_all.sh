@@ -53,7 +53,8 @@ if [[ ${1:-} != @(tests|gpucheck) ]]; then  # STUDY_DIR: its nearest existing fo
                          "folder: choose another STUDY_DIR." >&2; exit 2; }
 fi
 if [[ -n ${1:-${PRESET:-}} && ${1:-${PRESET:-}} != @(tests|gpucheck) ]]; then  # before the set-up; no torch needed
-  "${PYTHON:-python3}" -m engine.presets "${1:-$PRESET}" || exit 2
+  checker=python3; [[ -n ${PYTHON:-} && -x $PYTHON ]] && checker=$PYTHON  # any Python: engine/presets.py needs no torch
+  "$checker" -m engine.presets "${1:-$PRESET}" || exit 2
 fi
 
 # --- set-up: a python with the locked packages, and the embedded data set ------------------------------------
