@@ -19,7 +19,7 @@ def test_forward_macs_match_the_published_counts(arch, macs):
 def test_the_benchmark_times_a_real_step_and_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     bench.main(CPU + ["--arch", "mobilenetv3_small", "--batch-size", "16", "--moco-k", "64", "--warmup", "1",
-                      "--steps", "1", "--workers", "0", "--primitives", "6", "--json", str(out)])
+                      "--steps", "1", "--workers", "0", "--primitives", "1000", "--json", str(out)])
     (row,) = json.loads(out.read_text())
     for key in ("images_per_s", "step_ms", "augment_ms", "query_fwd_bwd_ms", "torchvision_images_per_s",
                 "batched_over_torchvision", "channels_last_speedup", "peak_memory_mb", "forward_mmacs",
@@ -32,11 +32,12 @@ def test_the_benchmark_times_a_real_step_and_writes_every_figure(tmp_path):
     assert row["workaround_speedup"] == pytest.approx(row["workaround_images_per_s"] / row["plain_conv_images_per_s"])
     # --primitives: where a step's oneDNN time goes, without the workaround and with it, read from oneDNN itself
     assert [p["workaround"] for p in row["primitives"]] == [False, True]
-    for profile in row["primitives"]:
-        assert 0 < profile["onednn_ms"] < profile["step_ms"] and len(profile["rows"]) == 6
+    for profile in row["primitives"]:  # every implementation (1000 asked): which ran does not depend on timing
+        assert 0 < profile["onednn_ms"] < profile["step_ms"] and 6 <= len(profile["rows"]) < 1000
         assert [r["ms"] for r in profile["rows"]] == sorted((r["ms"] for r in profile["rows"]), reverse=True)
         assert all(r["calls"] >= 1 and 0 < r["share"] < 1 for r in profile["rows"])
-        assert any(r["primitive"] == "convolution" and "backward_weights" == r["pass"] for r in profile["rows"])
+        assert {"forward_training", "backward_data", "backward_weights"} <= {
+            r["pass"] for r in profile["rows"] if r["primitive"] == "convolution"}
     # on a CPU the default (--amp auto) is fp32; bf16 and fp16 autocast are timed beside it
     assert row["fp32_images_per_s"] == row["images_per_s"]
     assert row["bf16_over_fp32"] == pytest.approx(row["bf16_images_per_s"] / row["images_per_s"])
