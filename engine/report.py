@@ -278,7 +278,7 @@ def markdown(res, other=None):
     """RESULTS.md: what ran and how to read it, then the tables, the tables in words (with `other`, the Results of
     the same runs at another budget: those side by side), the neighbours pictures and how the study ran."""
     return "\n".join(header(res) + summary(res) + references(res) + pretrained(res) + recipe_table(res)
-                     + learned(res) + (budget(res, other) if other else [])
+                     + learned(res) + (budget(res, other) + budget_neighbours(res, other) if other else [])
                      + ["", "## The tables in words", ""] + findings(res.rows, res.refs, res.archs)
                      + (budget_findings(res, other) if other else [])
                      + neighbours_section(res.study, res.rows, res.archs) + slices_section(res.study)) + "\n"
@@ -324,6 +324,27 @@ def budget(res, other):
                          f"{spread([t['linear_top1'] for _, t in both])} | "
                          f"{spread([m['linear_top1'] for m, _ in both])} | {spread(linear)} | {t_cells(linear)} |")
     return lines
+
+
+def budget_neighbours(res, other):
+    """Markdown: per network, the neighbours pictures of seed 0 after the other study's epochs and after this one's,
+    both recipes (the same 20 test images), with the share of same-class neighbours; [] where a picture is missing."""
+    mine, theirs = epochs_of(res), epochs_of(other)
+    lines = []
+    for arch in res.archs:
+        cells = [(f"{recipe}, {epochs:g} epochs", link, os.path.join(study["out"], f"{arch}_{recipe}_s0"))
+                 for recipe in RECIPES for epochs, link, study in ((theirs, other.study["out_link"] + "/", other.study),
+                                                                   (mine, "", res.study))]
+        if not all(os.path.exists(os.path.join(folder, "neighbours.png")) for _, _, folder in cells):
+            continue
+        lines += ["", f"**{arch}, seed 0**: the {theirs:g}-epoch and the {mine:g}-epoch networks' nearest training "
+                      f"images to the same test images (framed green when they have the query's class).", "",
+                  "| " + " | ".join(title for title, _, _ in cells) + " |", "|---" * len(cells) + "|",
+                  "| " + " | ".join(f"![{title}]({link}{os.path.basename(folder)}/neighbours.png)"
+                                    for title, link, folder in cells) + " |",
+                  "| " + " | ".join(f"{load(os.path.join(folder, 'knn.json'))['neighbours']['same_class']:.0%} of "
+                                    f"the neighbours share their query's class" for _, _, folder in cells) + " |"]
+    return (["", f"### What the features find after {theirs:g} and {mine:g} epochs"] + lines) if lines else []
 
 
 def budget_findings(res, other):

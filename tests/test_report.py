@@ -165,8 +165,8 @@ def test_the_report_says_when_results_came_from_other_training_code():
 
 def test_a_longer_study_is_set_beside_the_same_runs_at_the_shorter_budget(tmp_path):
     """notes.json's "shorter" names the same runs at a smaller budget: RESULTS.md pairs each run with its own seed
-    there (this study minus that one), says which differences are beyond the seed spread, and budget.svg draws both.
-    Here the demo against a copy of itself whose resnet18 baseline kNN is 1, 2 and 3 points lower per seed."""
+    there (this study minus that one), says which differences are beyond the seed spread, shows the networks'
+    neighbours pictures at both budgets where both have them, and budget.svg draws both. Here the demo against a copy of itself whose resnet18 baseline kNN is 1, 2 and 3 points lower per seed."""
     longer, shorter = tmp_path / "longer", tmp_path / "shorter"
     for folder in (longer, shorter):
         shutil.copytree(os.path.join(ROOT, "results", "demo"), folder)
@@ -177,6 +177,7 @@ def test_a_longer_study_is_set_beside_the_same_runs_at_the_shorter_budget(tmp_pa
         results["knn"][-1]["top1"] -= seed + 1
         lowered.append(results["knn"][-1]["top1"])
         json.dump(results, open(path, "w"))
+    (shorter / "mobilenetv3_small_small_s0" / "neighbours.png").unlink()
     notes = json.load(open(longer / "notes.json"))
     json.dump({**notes, "shorter": "../shorter"}, open(longer / "notes.json", "w"))
     proc = subprocess.run([sys.executable, "report.py", str(longer)], cwd=ROOT, capture_output=True, text=True)
@@ -188,5 +189,9 @@ def test_a_longer_study_is_set_beside_the_same_runs_at_the_shorter_budget(tmp_pa
     assert "| +1.00 / +2.00 / +3.00 | 2.00 ± 1.00 | -0.48 to +4.48 | +3.5 | no |" in row, row  # t = 2 / (1 / sqrt 3)
     assert "| resnet18 | small | 3 | 76.48 ± 0.14 | 76.48 ± 0.14 | +0.00 / +0.00 / +0.00 |" in table
     assert "- **6 epochs minus 6, the same seeds, kNN**: within the seed spread for resnet18 baseline (+2.00" in table
+    pictures = table.split("### What the features find after 6 and 6 epochs")[1]
+    assert "| ![baseline, 6 epochs](../shorter/resnet18_baseline_s0/neighbours.png) | ![baseline, 6 epochs](" \
+           "resnet18_baseline_s0/neighbours.png) |" in pictures, pictures
+    assert "**efficientnet_b0, seed 0**" in pictures and "**mobilenetv3_small, seed 0**" not in pictures  # removed
     svg = (longer / "budget.svg").read_text()
     assert svg.startswith("<svg") and "raw pixels on the same (77.35)" in svg and ">efficientnet_b0</text>" in svg
