@@ -166,7 +166,8 @@ def test_the_report_says_when_results_came_from_other_training_code():
 def test_a_longer_study_is_set_beside_the_same_runs_at_the_shorter_budget(tmp_path):
     """notes.json's "shorter" names the same runs at a smaller budget: RESULTS.md pairs each run with its own seed
     there (this study minus that one), says which differences are beyond the seed spread, shows the networks'
-    neighbours pictures at both budgets where both have them, and budget.svg draws both. Here the demo against a copy of itself whose resnet18 baseline kNN is 1, 2 and 3 points lower per seed."""
+    neighbours pictures at both budgets where both have them, and budget.svg draws both. Here the demo against a
+    copy of itself whose resnet18 baseline kNN is 1, 2 and 3 points lower per seed."""
     longer, shorter = tmp_path / "longer", tmp_path / "shorter"
     for folder in (longer, shorter):
         shutil.copytree(os.path.join(ROOT, "results", "demo"), folder)
