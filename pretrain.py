@@ -231,7 +231,7 @@ def run(args, argv):
         knn(0)
     resumed_at, start_time = step, time.time()
     paused = 0.0  # seconds spent on checkpoints and kNN: they count neither towards images/s nor the ETA
-    meter = run_state.Meter(device, args.batch_size * (2 if args.symmetric else 1), args.moco_k)
+    meter = run_state.Meter(device, args.batch_size * (2 if args.symmetric else 1), args.moco_k, warmup_steps)
     collapse_said = master and bool(files.logged("collapsed_at_step"))  # once per run, resumes included
     while step < last_step:
         epoch = step // steps_per_epoch

@@ -89,17 +89,19 @@ def duration(seconds):
 class Meter:
     """Each step's (loss, pretext accuracy, emb_std), summed where they were computed (no host synchronisation per
     step) over the logging interval, over the epoch, and over the interval's settled steps: those whose queue held
-    only the network's own keys (before that, its random start vectors make a collapse look healthy). Means are
-    over every process."""
+    only the network's own keys (before that, its random start vectors make a collapse look healthy) and whose lr
+    had finished its warm-up (during it, a run that learns can keep its loss near ln(K+1) while the lr is small, as
+    the demo24 preset's 4-epoch warm-up did: results/demo24). Means are over every process."""
 
-    def __init__(self, device, keys_per_step, queue_size):
+    def __init__(self, device, keys_per_step, queue_size, warmup_steps=0):
         self.sums = torch.zeros(3, 3, device=device)  # rows: interval, epoch, settled
         self.steps = [0, 0, 0]
-        self.keys_per_step, self.queue_size = keys_per_step, queue_size
+        self.keys_per_step, self.queue_size, self.warmup_steps = keys_per_step, queue_size, warmup_steps
 
     def add(self, step, stats):
         """Step `step`'s (loss, acc, emb_std) tensors (step counts from 1)."""
-        rows = 3 if (step - 1) * self.keys_per_step >= self.queue_size else 2
+        settled = (step - 1) * self.keys_per_step >= self.queue_size and step > self.warmup_steps
+        rows = 3 if settled else 2
         self.sums[:rows] += torch.stack(stats)
         for row in range(rows):
             self.steps[row] += 1

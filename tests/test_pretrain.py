@@ -503,6 +503,16 @@ def test_a_run_made_to_collapse_is_said_once_and_recorded(tmp_path, capsys, flag
     assert summary["collapsed_at_step"] == step and summary["emb_std"] is not None and summary["complete"]
 
 
+def test_a_flat_loss_is_judged_once_the_lr_warm_up_is_over(tmp_path, capsys):
+    """A loss at ln(K+1) while the lr warms up is what a learning run shows too (demo24's 4-epoch warm-up, whose
+    runs all learned, warned at step 52): the warning waits for the first interval after the warm-up (8 steps
+    here; without the wait it came at step 4) and still comes there for a run that stays flat."""
+    run(tmp_path, "--moco-t", "50", "--warmup-epochs", "2", "--epochs", "5", "--max-steps", "12")
+    err = capsys.readouterr().err
+    assert err.count("warning: the run looks collapsed") == 1, err
+    assert int(re.search(r"collapsed at step (\d+)", err)[1]) == 10, err
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(FMNIST), reason="needs Debian's dataset-fashion-mnist")
 def test_fashion_mnist_training_is_healthy(tmp_path):

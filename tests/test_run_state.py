@@ -34,6 +34,19 @@ def test_the_meter_sums_intervals_epochs_and_settled_steps():
     assert meter.interval()[1] is None  # nothing settled yet in the new interval
 
 
+def test_steps_of_the_lr_warm_up_are_not_settled():
+    """A run still warming its lr up is not judged for collapse: with a queue full from step 3 and a warm-up of 4
+    steps, the settled steps are 5 on."""
+    meter = run_state.Meter(torch.device("cpu"), keys_per_step=2, queue_size=4, warmup_steps=4)
+    for step in range(1, 5):
+        meter.add(step, (torch.tensor(float(step)),) * 3)
+    assert meter.interval()[1:] == (None, 0)
+    for step in (5, 6):
+        meter.add(step, (torch.tensor(float(step)),) * 3)
+    means, settled, count = meter.interval()
+    assert count == 2 and settled == pytest.approx([5.5] * 3) == means
+
+
 def test_ddp_leaves_the_queue_out_of_its_buffer_broadcast(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
