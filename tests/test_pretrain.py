@@ -452,6 +452,7 @@ def test_an_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     assert [r["amp_scale"] for r in log if "amp_scale" in r] == [256, 256, 128, 128]
 
 
+@pytest.mark.slow  # 19 s: three torchrun launches; CI runs the slow suite too
 def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(tmp_path):
     """torchrun --max-restarts 1: rank 1 is killed in epoch 2 of 3; torchrun restarts both workers, they resume from
     the epoch-1 checkpoint (--resume) and end with the weights, queue and BN statistics of a run never killed. Without
