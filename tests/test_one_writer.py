@@ -18,7 +18,8 @@ import pytest
 import evaluation
 import knn_eval
 import linear_eval
-from engine import jobs, pool
+from engine import pool
+from test_run_all import sleeping_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a pretraining of 64 synthetic images, 32 steps
@@ -115,16 +116,6 @@ def test_a_refused_start_leaves_no_folder_behind_and_a_held_folder_may_be_held_a
 
 
 # ----- a study's jobs never outlive it unseen -------------------------------------------------------------------------
-
-def sleeping_job(tmp_path, monkeypatch):
-    """A job of one stage that sleeps, its prediction 0 (and its output.log showing how it was stopped)."""
-    st = jobs.Study("smoke", ["mobilenetv3_small"], study_dir=str(tmp_path), jobs=1)
-    job = jobs.Line(st, "pixels").jobs[0]
-    stage = jobs.Stage(["-c", "import time; time.sleep(300)"], str(tmp_path / "never.json"), str(tmp_path / "res"))
-    monkeypatch.setattr(job, "left", lambda: jobs.Left(str(tmp_path / "res"), None, None, [stage]))
-    monkeypatch.setattr(pool.Estimate, "cost", lambda self, job: 0.0)
-    return st, job
-
 
 def signal_later(sig, seconds):
     threading.Timer(seconds, os.kill, (os.getpid(), sig)).start()
