@@ -203,13 +203,24 @@ def run_study(study, args, env):
         say(f"study {study.preset}: all {len(everything)} jobs are done; the table is rebuilt from their files in "
             f"{study.out} (study.json unchanged: nothing ran)")
     deadline = started + args.hours * 3600 if args.hours else None
-    pool = Pool(study, everything, speeds, env, deadline, predicted=each)  # the finished ones say "done, skipped"
-    outcome = pool.run()  # a failing job ends the study here (SystemExit, exit 1): no table of a broken study
-    if todo or not os.path.exists(os.path.join(study.out, "study.json")):  # the slice, in study.json
-        write_record(study, args.invocation or shlex.join(sys.argv), {
-            "invocation": args.invocation or shlex.join(sys.argv), "machine": machine(started, torch_device()),
-            "jobs": study.jobs, "predicted_s": round(predicted), "seconds": round(time.time() - started),
-            "finished": [j.name for j, cost, _ in pool.finished if cost]})
+    invocation = args.invocation or shlex.join(sys.argv)
+
+    def record(closed):
+        """This slice in study.json: written when it starts and as each job ends ("closed": false, so that a slice
+        killed without a word keeps what it finished), and once more as it ends."""
+        if todo or not os.path.exists(os.path.join(study.out, "study.json")):
+            write_record(study, invocation, {
+                "invocation": invocation, "started": started, "closed": closed,
+                "machine": machine(started, torch_device()), "jobs": study.jobs, "predicted_s": round(predicted),
+                "seconds": round(time.time() - started), "finished": [j.name for j, cost, _ in pool.finished if cost]})
+
+    pool = Pool(study, everything, speeds, env, deadline, predicted=each,  # the finished ones say "done, skipped"
+                on_end=lambda: record(False))
+    record(False)
+    try:
+        outcome = pool.run()  # a failing job ends the study here (SystemExit, exit 1): no table of a broken study
+    finally:
+        record(True)
     subprocess.run([study.python, os.path.join(ROOT, "report.py"), study.out], cwd=ROOT)  # the table so far
     left = [j for j in everything if not j.done()]
     if outcome == "interrupted":

@@ -386,10 +386,13 @@ def how_made_again(job, stages):
 def write_record(study, invocation, slice_=None):
     """results/PRESET/study.json, the one place it is written: the study as this invocation describes it (its
     networks and seeds grow with every invocation: a subset study adds to the table, never removes from it) and
-    every slice that worked on it, `slice_` appended (None: a plan, which runs nothing itself)."""
+    every slice that worked on it, `slice_` appended, or put in the place of the record with its "started" (a slice
+    records itself when it starts and as each job ends, so that one killed keeps what it did; None: a plan, which
+    runs nothing itself)."""
     path = os.path.join(study.out, "study.json")
     old = json.load(open(path)) if os.path.exists(path) else {}
-    slices = old.get("slices", []) + ([slice_] if slice_ else [])
+    slices = [s for s in old.get("slices", []) if not slice_ or "started" not in s
+              or s["started"] != slice_["started"]] + ([slice_] if slice_ else [])
     archs = list(dict.fromkeys(old.get("archs", []) + study.archs))
     seeds_archs = list(dict.fromkeys([a for a in old.get("seeds_archs", []) if old.get("seeds", 1) > 1]
                                      + (study.seeds_archs if study.seeds > 1 else [])))

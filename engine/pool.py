@@ -37,8 +37,9 @@ class Pool:
     """JOBS slots working through `jobs` in order; the two runs of a pair start in the same slice. `predicted`:
     {job: seconds} worked out before (the rest are worked out when first asked)."""
 
-    def __init__(self, study, jobs, speeds, env, deadline=None, out=sys.stdout, predicted=None):
+    def __init__(self, study, jobs, speeds, env, deadline=None, out=sys.stdout, predicted=None, on_end=None):
         self.study, self.queue, self.speeds, self.env, self.deadline = study, list(jobs), speeds, env, deadline
+        self.on_end = on_end or (lambda: None)  # called as each job ends (study.py: the slice's record)
         self.slots = [None] * study.jobs
         self.out, self.tty = out, out.isatty()
         self.finished, self.not_started, self.committed = [], [], set()
@@ -175,6 +176,7 @@ class Pool:
         self.finished.append((slot["job"], slot["cost"], took))
         slot["held"].close()
         self.slots[i] = None
+        self.on_end()
         predicted = f" (predicted {run_state.duration(slot['cost'])})" if self.speeds else ""
         self.say(f"== {time.strftime('%H:%M:%S')} {slot['job'].name}: done in {run_state.duration(took)}{predicted}; "
                  f"{self.status()}")

@@ -107,8 +107,11 @@ def slices_section(study):
         for i, sl in enumerate(study["slices"], 1):
             m = sl.get("machine") or {}
             where = machine_words(m, bool(m.get("gpus")), threads=False)
+            took = minutes(sl.get("seconds")) if sl.get("closed", True) else (
+                f"at least {minutes(sl.get('seconds'))}, to its last job's end: its record was not closed (the slice "
+                f"was killed, or is still running)")
             lines.append(f"| {i} | `{sl['invocation']}` | {where} | {sl.get('jobs')} | {len(sl.get('finished', []))} "
-                         f"| {minutes(sl.get('predicted_s'))} | {minutes(sl.get('seconds'))} |")
+                         f"| {minutes(sl.get('predicted_s'))} | {took} |")
     if study.get("missing"):
         lines += ["", f"Not in the tables: not finished, or made with other flags than today's preset (the same "
                       f"command again runs them): {', '.join(study['missing'])}."]

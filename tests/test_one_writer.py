@@ -230,10 +230,14 @@ def test_a_study_stopped_by_a_closed_terminal_or_killed_leaves_no_job_and_its_re
         assert study.returncode == -signal.SIGKILL
     wait_for(lambda: not jobs_of(tmp_path, ("pretrain.py", "knn_eval.py", "linear_eval.py", "study.py")),
              seconds=10)  # nothing trains on unseen
+    slices = json.load(open(tmp_path / "results" / "smoke" / "study.json"))["slices"]
+    assert [s["closed"] for s in slices] == [sig == signal.SIGHUP]  # a killed slice is on record, left open
     rerun = subprocess.run(["bash", "run_all.sh", "smoke"], cwd=ROOT, env=study_env(tmp_path), capture_output=True,
                            text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert table(tmp_path) == uninterrupted
+    said = (tmp_path / "results" / "smoke" / "RESULTS.md").read_text()
+    assert ("its record was not closed" in said) == (sig == signal.SIGKILL), said[-1500:]
 
 
 @pytest.mark.slow

@@ -399,6 +399,7 @@ def test_the_cost_is_measured_once_a_time_box_starts_nothing_that_cannot_finish_
     assert proc.stdout.count(": done, skipped") == 4  # seed 0's runs, its references, raw pixels
     slices = json.load(open(tmp_path / "results" / "smoke" / "study.json"))["slices"]
     assert [len(s["finished"]) for s in slices] == [4, 0, 3]  # seed 0 (4 jobs); the box; seed 1
+    assert all(s["closed"] for s in slices)  # each wrote its record as it went, and closed it
     assert sorted(slices[-1]["finished"]) == ["refs:mobilenetv3_small:1", "run:mobilenetv3_small:1:baseline",
                                               "run:mobilenetv3_small:1:small"] and slices[-1]["predicted_s"] > 0
     table = (tmp_path / "results" / "smoke" / "RESULTS.md").read_text()
