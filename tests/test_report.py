@@ -1,16 +1,20 @@
 """The tables, their statistics and the figure (engine/report.py, engine/stats.py, engine/figure.py, the command
 report.py): every statistic against a hand computation, the words against the numbers, every tracked table rebuilt
 from its files, the README's table against the demo's."""
+import contextlib
+import importlib
+import io
 import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from engine import figure, report, stats
+
+report_py = importlib.import_module("report")  # the script at the root, beside engine/report.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,8 +39,8 @@ def test_every_tracked_table_is_what_report_py_makes_of_its_files(tmp_path):
         shutil.copytree(os.path.join(ROOT, folder), copy)
         for name in ("RESULTS.md", "results.csv", "results.svg"):
             (copy / name).unlink()
-        proc = subprocess.run([sys.executable, "report.py", str(copy)], cwd=ROOT, capture_output=True, text=True)
-        assert proc.returncode == 0, (folder, proc.stderr[-2000:])
+        with contextlib.redirect_stdout(io.StringIO()):  # in-process: what `report.py FOLDER` runs
+            report_py.main([str(copy)])
         tracked = open(os.path.join(ROOT, folder, "RESULTS.md")).read()
         assert lines((copy / "RESULTS.md").read_text()) == lines(tracked), (
             f"{folder}/RESULTS.md: rebuild it with report.py {folder}")
@@ -181,8 +185,8 @@ def test_a_longer_study_is_set_beside_the_same_runs_at_the_shorter_budget(tmp_pa
     (shorter / "mobilenetv3_small_small_s0" / "neighbours.png").unlink()
     notes = json.load(open(longer / "notes.json"))
     json.dump({**notes, "shorter": "../shorter"}, open(longer / "notes.json", "w"))
-    proc = subprocess.run([sys.executable, "report.py", str(longer)], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    with contextlib.redirect_stdout(io.StringIO()):
+        report_py.main([str(longer)])
     table = (longer / "RESULTS.md").read_text()
     assert "## 6 and 6 epochs, the same seeds" in table and "[../shorter](../shorter/RESULTS.md)" in table
     row = next(line for line in table.splitlines()
@@ -196,3 +200,22 @@ def test_a_longer_study_is_set_beside_the_same_runs_at_the_shorter_budget(tmp_pa
     assert "**efficientnet_b0, seed 0**" in pictures and "**mobilenetv3_small, seed 0**" not in pictures  # removed
     svg = (longer / "budget.svg").read_text()
     assert svg.startswith("<svg") and "raw pixels on the same (77.35)" in svg and ">efficientnet_b0</text>" in svg
+
+
+def test_a_slice_records_itself_as_it_goes_and_a_killed_one_is_said_so(tmp_path):
+    """A slice writes its record when it starts and as each job ends, in the same place (its "started"); one that
+    never closed it (killed) reads as "at least" its time so far, beside a closed one's plain time."""
+    from engine import jobs
+    st = jobs.Study("smoke", ["mobilenetv3_small"], study_dir=str(tmp_path), jobs=1)
+    first = {"invocation": "a", "started": 1.0, "closed": True, "machine": {}, "jobs": 1, "predicted_s": 60,
+             "seconds": 120, "finished": ["pixels"]}
+    jobs.write_record(st, "a", first)
+    for finished in ([], ["run:x"], ["run:x", "run:y"]):
+        jobs.write_record(st, "b", {**first, "invocation": "b", "started": 2.0, "closed": False, "seconds": 600,
+                                    "finished": finished})
+    study = json.load(open(tmp_path / "results" / "smoke" / "study.json"))
+    assert [(s["invocation"], len(s["finished"])) for s in study["slices"]] == [("a", 1), ("b", 2)]
+    assert study["seconds"] == 720
+    rows = [line for line in report.slices_section(study) if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert rows[0].endswith("| 1.0 min | 2.0 min |") and "| 1.0 min | at least 10.0 min" in rows[1]
+    assert "its record was not closed" in rows[1]
