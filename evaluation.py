@@ -322,7 +322,6 @@ def writable_dir(folder, flag, output=None):
                          f"choose another {flag}.")
 
 
-
 # ----- one writer per folder ------------------------------------------------------------------------------------------
 
 LOCK = ".lock"  # the file a writer locks in the folder it writes (pretrain.py's --out, an evaluation's output folder)
@@ -389,7 +388,6 @@ def one_writer(folder, label=None, name=LOCK, what=None):
         handle.close()  # closing releases the lock
 
 
-
 @contextlib.contextmanager
 def writing(outputs):
     """one_writer over the folders of an evaluation's output files {flag: path or None}, held inside the block."""
@@ -402,6 +400,7 @@ def writing(outputs):
         for folder, label in folders.items():
             stack.enter_context(one_writer(folder, label))
         yield
+
 
 def is_json(path):
     try:
@@ -444,7 +443,6 @@ def check_json_output(path, flag="--json", ckpt=None, is_result=is_json, result=
 # ----- where a result was made ----------------------------------------------------------------------------------------
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16")  # the instruction sets that decide a CPU's speed here (bf16 most)
-PROJECT = os.path.dirname(os.path.abspath(__file__))
 
 
 def machine(start, device, world_size=1):
@@ -485,8 +483,9 @@ def cpu_model_and_flags():
 def git(*command):
     """The output of a git command in the project's folder; None where git or the checkout is missing."""
     try:
-        proc = subprocess.run(["git", "--no-optional-locks", *command], cwd=PROJECT, capture_output=True, text=True,
-                              timeout=30)  # no index lock: a git command of the user's at the same time still runs
+        # no index lock: a git command of the user's at the same time still runs
+        proc = subprocess.run(["git", "--no-optional-locks", *command], cwd=data.PROJECT, capture_output=True,
+                              text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
     return proc.stdout.strip() if proc.returncode == 0 else None

@@ -30,7 +30,7 @@ from engine import presets
 from engine.cost import breakdown, prediction, torch_device
 from engine.jobs import Study, describe_kept, write_record
 from engine.pool import STUDY_LOCK, Pool, write
-from evaluation import machine, one_writer
+from evaluation import machine, one_writer, utc
 
 ROOT = presets.ROOT
 # presets sized for GPUs, and what one would cost on a 2-core CPU (bench.py's small-stem speed: docs/performance.md)
@@ -186,10 +186,10 @@ def run_line(study, name, env):
 
 def run_study(study, args, env):
     say = lambda line: write(sys.stdout, line + "\n")  # noqa: E731
-    for line in describe_kept(study, study.all_jobs()):
+    everything = study.all_jobs()
+    for line in describe_kept(study, everything):
         say(line)
     started = time.time()
-    everything = study.all_jobs()
     todo = [j for j in everything if not j.done()]
     speeds, each, predicted = prediction(study, todo, env, say)
     if todo:
@@ -204,14 +204,17 @@ def run_study(study, args, env):
             f"{study.out} (study.json unchanged: nothing ran)")
     deadline = started + args.hours * 3600 if args.hours else None
     invocation = args.invocation or shlex.join(sys.argv)
+    recorded = todo or not os.path.exists(os.path.join(study.out, "study.json"))  # decided once: the first write
+    # below makes the file
+    made = machine(started, torch_device())  # once (it asks git): each write below moves its end alone
 
     def record(closed):
         """This slice in study.json: written when it starts and as each job ends ("closed": false, so that a slice
         killed without a word keeps what it finished), and once more as it ends."""
-        if todo or not os.path.exists(os.path.join(study.out, "study.json")):
+        if recorded:
             write_record(study, invocation, {
                 "invocation": invocation, "started": started, "closed": closed,
-                "machine": machine(started, torch_device()), "jobs": study.jobs, "predicted_s": round(predicted),
+                "machine": {**made, "end": utc(time.time())}, "jobs": study.jobs, "predicted_s": round(predicted),
                 "seconds": round(time.time() - started), "finished": [j.name for j, cost, _ in pool.finished if cost]})
 
     pool = Pool(study, everything, speeds, env, deadline, predicted=each,  # the finished ones say "done, skipped"

@@ -25,7 +25,7 @@ import data
 import run_state
 from engine import presets
 from engine.presets import RECIPES
-from evaluation import file_sha256
+from evaluation import file_sha256, write_json
 
 
 def script_module(script):
@@ -133,7 +133,7 @@ class Job:
     references ("refs") or raw pixels ("pixels"). Its partner is the other recipe's run of the pair."""
 
     def __init__(self, line, label):
-        self.line, self.label = line, label
+        self.label = label
         self.study, self.kind, self.arch, self.seed = line.study, line.kind, line.arch, line.seed
         self.name = line.name + (f":{label}" if self.kind == "run" else "")
         self.is_run = self.kind == "run"
@@ -329,9 +329,7 @@ def replace(staged, final):
                     results[key] = moved_path(results[key], moved)
             if results.get("neighbours"):
                 results["neighbours"]["png"] = moved_path(results["neighbours"]["png"], moved)
-            with open(path + ".tmp", "w") as f:
-                json.dump(results, f, indent=2)
-            os.replace(path + ".tmp", path)
+            write_json(results, path)
 
 
 def moved_path(path, moved):
@@ -399,7 +397,4 @@ def write_record(study, invocation, slice_=None):
     record = {"preset": study.preset, "archs": archs, "seeds": max(study.seeds, old.get("seeds", 1)),
               "seeds_archs": seeds_archs, "invocation": invocation,
               "seconds": round(sum(s["seconds"] for s in slices)) if slices else None, "slices": slices}
-    os.makedirs(study.out, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(record, path)

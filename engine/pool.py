@@ -45,7 +45,6 @@ class Pool:
         self.finished, self.not_started, self.committed = [], [], set()
         self.interrupted = None
         self.estimate = Estimate(speeds, predicted, self.finished)
-        self.started = time.time()
 
     def say(self, line):
         write(self.out, ("\r\033[K" if self.tty else "") + line + "\n")

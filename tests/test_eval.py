@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import bench
+import data
 import evaluation
 import knn_eval
 import linear_eval
@@ -596,7 +597,7 @@ def test_every_evaluation_records_where_it_ran(tmp_path):
 
 
 def test_the_machine_record_outside_a_checkout_or_without_git(tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluation, "PROJECT", str(tmp_path))  # not a git checkout
+    monkeypatch.setattr(data, "PROJECT", str(tmp_path))  # not a git checkout
     m = evaluation.machine(0, torch.device("cpu"))
     assert (m["commit"], m["modified"], m["start"]) == (None, None, "1970-01-01T00:00:00+00:00")
     monkeypatch.setenv("PATH", str(tmp_path))  # no git at all

@@ -139,6 +139,12 @@ def test_a_rerun_skips_finished_stages(finished, tmp_path):
     assert (tmp_path / "results" / "smoke" / "RESULTS.md").exists()
     # no slice of nothing: a clone that reruns the tracked study's command keeps its study.json as it was
     assert (tmp_path / "results" / "smoke" / "study.json").read_text() == record
+    # without a study.json, the same rerun (in this process) writes one, its slice of nothing closed
+    (tmp_path / "results" / "smoke" / "study.json").unlink()
+    assert command.main(["smoke", "--archs", "mobilenetv3_small", "--seeds", "2", "--jobs", "1", "--study-dir",
+                         str(tmp_path), "--python", sys.executable]) == 0
+    slices = json.load(open(tmp_path / "results" / "smoke" / "study.json"))["slices"]
+    assert [(s["closed"], s["finished"]) for s in slices] == [(True, [])], slices
 
 
 def test_the_table_is_rebuilt_from_the_files_alone(finished, tmp_path):
