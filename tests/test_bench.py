@@ -35,7 +35,9 @@ def test_the_benchmark_times_a_real_step_and_writes_every_figure(tmp_path):
     for profile in row["primitives"]:  # every implementation (1000 asked): which ran does not depend on timing
         assert 0 < profile["onednn_ms"] < profile["step_ms"] and 6 <= len(profile["rows"]) < 1000
         assert [r["ms"] for r in profile["rows"]] == sorted((r["ms"] for r in profile["rows"]), reverse=True)
-        assert all(r["calls"] >= 1 and 0 < r["share"] < 1 for r in profile["rows"])
+        # oneDNN's verbose timer has about a microsecond's resolution: a tiny reorder can read 0.0 ms (share 0)
+        assert all(r["calls"] >= 1 and 0 <= r["share"] < 1 for r in profile["rows"])
+        assert sum(r["share"] for r in profile["rows"]) == pytest.approx(profile["onednn_ms"] / profile["step_ms"])
         assert {"forward_training", "backward_data", "backward_weights"} <= {
             r["pass"] for r in profile["rows"] if r["primitive"] == "convolution"}
     # on a CPU the default (--amp auto) is fp32; bf16 and fp16 autocast are timed beside it
